@@ -1,0 +1,284 @@
+"""``make bench``: the project's accuracy and speed targets, measured on this machine.
+
+    python -m captcha_lit.bench                         # everything
+    python -m captcha_lit.bench --only gen,load,throughput --repeats 5
+    python -m captcha_lit.bench --only train_default --train-repeats 3
+
+Each figure is the median over repeats, next to a baseline measured in the same run.
+Results go to outputs/bench/<time>/results.json and table.md, and are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# ---- data generation -----------------------------------------------------------------
+def bench_generation(repeats: int, count: int) -> dict:
+    from captcha_lit.data.synthetic import GeneratorSpec, default_workers, generate
+
+    spec = GeneratorSpec(input_size=(32, 96))
+    workers = default_workers()
+    single, parallel = [], []
+    for r in range(repeats):
+        t = time.perf_counter()
+        generate(spec, f"bench{r}", "train", count, workers=1)
+        single.append(count / (time.perf_counter() - t))
+        t = time.perf_counter()
+        generate(spec, f"bench{r}", "train", count, workers=workers)
+        parallel.append(count / (time.perf_counter() - t))
+    s, p = _median(single), _median(parallel)
+    return {"images": count, "repeats": repeats, "workers": workers, "single_core_img_s": round(s, 1),
+            "all_cores_img_s": round(p, 1), "speedup": round(p / s, 2)}
+
+
+# ---- cache loading -------------------------------------------------------------------
+def bench_cache_load(repeats: int, count: int) -> dict:
+    """Loading time of a cached split of ``count`` images at the default input size.
+
+    The split's pixels are filled with noise instead of rendered CAPTCHAs (rendering 100k
+    takes minutes); loading does not look at pixel content, so the time is the same.
+    """
+    from captcha_lit.charset import Charset
+    from captcha_lit.data import cache
+    from captcha_lit.data.datamodule import CaptchaArrayDataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_"))
+    rng = np.random.default_rng(0)
+    chars = Charset("0-9A-Z").chars
+    labels = ["".join(rng.choice(list(chars), 5)) for _ in range(count)]
+
+    def build(out):
+        for start in range(0, count, 10_000):
+            out[start:start + 10_000] = rng.integers(0, 256, size=out[start:start + 10_000].shape, dtype=np.uint8)
+        return labels
+
+    shape = (32, 96, 3)
+    cache.get_or_build(tmp, "bench", {"n": count}, count, build, shape)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        texts, images = cache.get_or_build(tmp, "bench", {"n": count}, count, build, shape)
+        dataset = CaptchaArrayDataset(images, texts, Charset("0-9A-Z"), 5)
+        _ = dataset[len(dataset) - 1]
+        times.append(time.perf_counter() - t)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"images": count, "repeats": repeats, "load_s": round(_median(times), 3)}
+
+
+# ---- model throughput ----------------------------------------------------------------
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
+    import torch
+
+    from captcha_lit.builders import build_module
+
+    cfg = _compose(overrides)
+    module = build_module(cfg)
+    height, width = cfg.data.input_size
+    batch = int(cfg.data.batch_size)
+    targets = torch.randint(0, len(module.charset), (batch, int(cfg.data.max_length)))
+    lengths = torch.full((batch,), int(cfg.data.max_length))
+    images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    aug = module.batch_augment
+    train_rates, infer_rates = [], []
+    for _ in range(repeats):
+        module.train()
+        for i in range(steps + 3):
+            if i == 3:
+                t = time.perf_counter()
+            x = module.preprocess.to_float(images)
+            x = module.preprocess.normalize(aug(x) if aug is not None else x)
+            loss = module.compute_loss(module(x), targets, lengths)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_rates.append(steps * batch / (time.perf_counter() - t))
+        module.eval()
+        big = module.preprocess(torch.randint(0, 256, (256, 3, height, width), dtype=torch.uint8))
+        with torch.inference_mode():
+            module(big)
+            t = time.perf_counter()
+            for _ in range(3):
+                module.decode(module(big))
+            infer_rates.append(3 * 256 / (time.perf_counter() - t))
+    return {"train_img_s": round(_median(train_rates), 1), "infer_img_s_b256": round(_median(infer_rates), 1),
+            "input_size": list(cfg.data.input_size), "params": sum(p.numel() for p in module.parameters())}
+
+
+def bench_throughput(repeats: int) -> dict:
+    return {
+        "default": _throughput([], repeats),
+        "cnn": _throughput(["model=cnn"], repeats),
+        "baseline_seed_cnn_64x160": _throughput(["model=cnn", "data.input_size=[64,160]", "augmentation=none"], repeats),
+    }
+
+
+# ---- full training runs --------------------------------------------------------------
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool) -> dict:
+    run_dir = out_dir / name
+    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_cache_")) if fresh_cache else None
+    cmd = [sys.executable, "-m", "captcha_lit.train", *overrides, f"hydra.run.dir={run_dir}",
+           "trainer.enable_progress_bar=false"]
+    if cache_dir is not None:
+        cmd.append(f"data.cache_dir={cache_dir}")
+    peak = 0
+    start = time.time()
+    with open(out_dir / f"{name}.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, _tree_rss(proc.pid))
+                done.wait(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        done.set()
+        sampler.join()
+    wall = time.time() - start
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    if code != 0:
+        return {"name": name, "error": f"exit code {code}; see {out_dir / f'{name}.log'}"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    def acc_at(minutes: float):
+        points = [p for p in metrics["timeline"] if p["elapsed_s"] <= minutes * 60]
+        return points[-1]["val/seq_acc"] if points else None
+
+    return {"name": name, "test_seq_acc": metrics.get("test/seq_acc"), "test_char_acc": metrics.get("test/char_acc"),
+            "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 2**30, 2),
+            "train_img_s": metrics.get("train_images_per_s"),
+            "val_seq_acc_at_5min": acc_at(5), "val_seq_acc_at_10min": acc_at(10), "val_seq_acc_at_15min": acc_at(15)}
+
+
+def bench_training(name: str, overrides: list[str], repeats: int, out_dir: Path) -> dict:
+    runs = [_train_run(f"{name}_run{r}", overrides, out_dir, fresh_cache=True) for r in range(repeats)]
+    ok = [r for r in runs if "error" not in r]
+    summary = {"overrides": overrides, "runs": runs}
+    for key in ("test_seq_acc", "wall_s", "peak_rss_gb", "train_img_s", "val_seq_acc_at_5min",
+                "val_seq_acc_at_10min", "val_seq_acc_at_15min"):
+        summary[f"median_{key}"] = _median([r.get(key) for r in ok])
+    return summary
+
+
+# ---- report ----------------------------------------------------------------------------
+def _table(results: dict) -> str:
+    rows = ["| benchmark | figure | value | target |", "|---|---|---|---|"]
+    if "gen" in results:
+        g = results["gen"]
+        rows += [f"| data generation ({g['images']} img, median of {g['repeats']}) | 1 core | {g['single_core_img_s']} img/s | |",
+                 f"| | {g['workers']} cores | {g['all_cores_img_s']} img/s | |",
+                 f"| | speedup | {g['speedup']}x | >= 1.8x |"]
+    if "load" in results:
+        lo = results["load"]
+        rows.append(f"| cached dataset load ({lo['images']} img, median of {lo['repeats']}) | time | {lo['load_s']} s | <= 5 s |")
+    if "throughput" in results:
+        for name, t in results["throughput"].items():
+            rows.append(f"| throughput {name} (input {t['input_size']}, {t['params']} params) | train, batch 64 | "
+                        f"{t['train_img_s']} img/s | |")
+            rows.append(f"| | inference, batch 256 | {t['infer_img_s_b256']} img/s | |")
+    for key, target in (("train_default", ">= 0.99 in <= 15 min, <= 4 GB"), ("train_cnn", ">= 0.98 in <= 15 min")):
+        if key in results:
+            t = results[key]
+            n = len([r for r in t["runs"] if "error" not in r])
+            rows += [f"| {key} ({' '.join(t['overrides']) or 'no overrides'}; median of {n}) | test seq acc | "
+                     f"{t['median_test_seq_acc']} | {target} |",
+                     f"| | wall time (incl. data generation) | {t['median_wall_s']} s | |",
+                     f"| | peak RSS (process tree) | {t['median_peak_rss_gb']} GB | |",
+                     f"| | val seq acc at 5 / 10 / 15 min | {t['median_val_seq_acc_at_5min']} / "
+                     f"{t['median_val_seq_acc_at_10min']} / {t['median_val_seq_acc_at_15min']} | |",
+                     f"| | train throughput | {t['median_train_img_s']} img/s | |"]
+            for r in t["runs"]:
+                if "error" in r:
+                    rows.append(f"| | {r['name']} | FAILED: {r['error']} | |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="gen,load,throughput,train_default,train_cnn",
+                        help="comma-separated subset of: gen, load, throughput, train_default, train_cnn")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the quick benchmarks")
+    parser.add_argument("--train-repeats", type=int, default=1, help="repeats of each full training run (~14 min each)")
+    parser.add_argument("--gen-images", type=int, default=3000)
+    parser.add_argument("--load-images", type=int, default=100_000)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
+    args = parser.parse_args(argv)
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    known = {"gen", "load", "throughput", "train_default", "train_cnn"}
+    unknown = set(wanted) - known
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(known))}")
+    out_dir = Path(args.out) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    if "gen" in wanted:
+        results["gen"] = bench_generation(args.repeats, args.gen_images)
+    if "load" in wanted:
+        results["load"] = bench_cache_load(args.repeats, args.load_images)
+    if "throughput" in wanted:
+        results["throughput"] = bench_throughput(args.repeats)
+    if "train_default" in wanted:
+        results["train_default"] = bench_training("default", [], args.train_repeats, out_dir)
+    if "train_cnn" in wanted:
+        results["train_cnn"] = bench_training("cnn", ["model=cnn"], args.train_repeats, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = _table(results)
+    (out_dir / "table.md").write_text(table)
+    print(table)
+    print(f"written to {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""On-disk cache of generated splits: atomic, locked, self-checking.
+
+Layout: ``<cache_dir>/<name>-<key>/`` holds ``images.npy`` (N, H, W, 3 uint8),
+``labels.json`` and ``meta.json``. A split is built in a temporary sibling folder
+and moved into place with one ``rename``, so readers never see half a split. An
+exclusive ``flock`` makes concurrent jobs (e.g. a sweep) build it once; the others
+wait and then reuse it. ``meta.json`` records the shape and a digest of a sample of
+rows, so a truncated or altered split is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def cache_key(fields: dict) -> str:
+    payload = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _sample_digest(images: np.ndarray, labels: list[str]) -> str:
+    """Digest of the labels and of up to 64 evenly spaced image rows (cheap on 100k images)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(labels).encode())
+    n = len(images)
+    if n:
+        for i in sorted(set(np.linspace(0, n - 1, num=min(n, 64)).astype(int).tolist())):
+            h.update(np.ascontiguousarray(images[i]).tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float = 3600.0) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > timeout_s:
+                    raise TimeoutError(f"waited {timeout_s:.0f}s for the cache lock {path}; is another job stuck?")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class CorruptCacheError(RuntimeError):
+    pass
+
+
+def load_split(folder: Path, mmap: bool = True) -> tuple[list[str], np.ndarray, dict]:
+    """Load and verify a cached split; raises CorruptCacheError naming what is wrong."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        labels = json.loads((folder / "labels.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r" if mmap else None)
+    except FileNotFoundError as exc:
+        raise CorruptCacheError(f"{folder}: missing {Path(exc.filename).name}") from None
+    except (ValueError, OSError, EOFError, json.JSONDecodeError) as exc:  # EOFError: empty images.npy
+        raise CorruptCacheError(f"{folder}: unreadable ({exc})") from None
+    expected = tuple(meta.get("shape", ()))
+    if images.shape != expected or images.dtype != np.uint8:
+        raise CorruptCacheError(f"{folder}: images have shape {images.shape} {images.dtype}, expected {expected} uint8")
+    if len(labels) != expected[0]:
+        raise CorruptCacheError(f"{folder}: {len(labels)} labels for {expected[0]} images")
+    if _sample_digest(images, labels) != meta.get("digest"):
+        raise CorruptCacheError(f"{folder}: content digest does not match meta.json")
+    return labels, images, meta
+
+
+def get_or_build(
+    cache_dir: str | os.PathLike,
+    name: str,
+    key_fields: dict,
+    count: int,
+    build: Callable[[np.ndarray], list[str]],
+    shape: tuple[int, int, int],
+) -> tuple[list[str], np.ndarray]:
+    """Return (labels, images) for a split, building it with ``build(out)`` if needed.
+
+    ``build`` fills ``out`` (a writable memmap of ``(count, *shape)``) and returns the labels.
+    """
+    root = Path(os.path.expanduser(str(cache_dir)))
+    key = cache_key({**key_fields, "count": count})
+    folder = root / f"{name}-{key}"
+    if (folder / "meta.json").exists():
+        try:
+            labels, images, _ = load_split(folder)
+            return labels, images
+        except CorruptCacheError as exc:
+            log.warning("cache is corrupt, rebuilding: %s", exc)
+    with file_lock(root / f".{name}-{key}.lock"):
+        # Another job may have built it while we waited for the lock.
+        if folder.exists():
+            try:
+                labels, images, _ = load_split(folder)
+                return labels, images
+            except CorruptCacheError as exc:
+                log.warning("cache is corrupt, rebuilding: %s", exc)
+                shutil.rmtree(folder, ignore_errors=True)
+        tmp = root / f".tmp-{name}-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(count, *shape))
+            labels = build(out)
+            out.flush()
+            digest = _sample_digest(out, labels)
+            del out
+            (tmp / "labels.json").write_text(json.dumps(labels))
+            meta = {"format": FORMAT_VERSION, "shape": [count, *shape], "digest": digest, "fields": key_fields,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    labels, images, _ = load_split(folder)
+    return labels, images

@@ -1,0 +1,149 @@
+"""The LightningDataModule for generated CAPTCHAs.
+
+``prepare_data`` (once per node) generates each split in parallel and caches it
+on disk; ``setup`` (every process) memory-maps the cached arrays. The train, val
+and test splits are drawn from disjoint seed streams, and the test split uses its
+own fixed seed, so every run and every sweep job is scored on the same images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captcha_lit.charset import Charset
+from captcha_lit.data import cache
+from captcha_lit.data.synthetic import GeneratorSpec, generate, resolve_fonts
+from captcha_lit.data.transforms import TrainPreset, to_chw_uint8
+
+log = logging.getLogger(__name__)
+
+
+class CaptchaArrayDataset(Dataset):
+    """(N, H, W, 3) uint8 images with text labels -> dicts of a (3, H, W) uint8 image,
+    the padded target indices, the length and the text."""
+
+    def __init__(self, images: np.ndarray, texts: Sequence[str], charset: Charset, max_length: int, transform=None):
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} labels")
+        self.images = images
+        self.texts = list(texts)
+        self.targets = torch.tensor(charset.encode_batch(self.texts, max_length), dtype=torch.long).reshape(
+            len(self.texts), max_length
+        )
+        self.lengths = torch.tensor([len(t) for t in self.texts], dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict:
+        image = to_chw_uint8(torch.from_numpy(np.array(self.images[index])))
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "target": self.targets[index], "length": self.lengths[index],
+                "text": self.texts[index]}
+
+
+class CaptchaDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        *,
+        charset: str = "0-9A-Z",
+        min_length: int = 5,
+        max_length: int = 5,
+        width: int = 160,
+        height: int = 60,
+        input_size: Sequence[int] = (48, 128),
+        fonts: Sequence[str] | str | None = None,
+        font_sizes: Sequence[int] | None = None,
+        num_train: int = 50_000,
+        num_val: int = 1_000,
+        num_test: int = 2_000,
+        seed: int = 0,
+        test_seed: int = 20_240_601,
+        cache_dir: str = "~/.cache/captcha_lit",
+        gen_workers: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        augmentation: dict | None = None,
+    ):
+        super().__init__()
+        # Plain values only, so the checkpoint records the data config and loads with weights_only.
+        self.save_hyperparameters()
+        for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+            if int(value) < 1:
+                raise ValueError(f"data.{name}={value} must be at least 1")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if len(input_size) != 2 or min(input_size) < 8:
+            raise ValueError(f"data.input_size={list(input_size)} must be [height, width], each at least 8")
+        self.charset = Charset(charset)
+        self.spec = GeneratorSpec(
+            charset=self.charset.chars, min_length=int(min_length), max_length=int(max_length),
+            width=int(width), height=int(height), input_size=(int(input_size[0]), int(input_size[1])),
+            fonts=tuple(resolve_fonts(fonts)) if resolve_fonts(fonts) else None,
+            font_sizes=tuple(int(s) for s in font_sizes) if font_sizes else None,
+        )
+        self.max_length = int(max_length)
+        self.splits = {"train": (int(num_train), seed), "val": (int(num_val), seed), "test": (int(num_test), test_seed)}
+        self.cache_dir = cache_dir
+        self.gen_workers = gen_workers
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        augmentation = dict(augmentation or {})
+        # The batch backend augments inside the LightningModule; only torchvision's runs here.
+        backend = augmentation.pop("backend", "batch")
+        self.train_transform = TrainPreset(**augmentation) if backend == "torchvision" else None
+        self.datasets: dict[str, CaptchaArrayDataset] = {}
+
+    def _split(self, split: str) -> tuple[list[str], np.ndarray]:
+        count, seed = self.splits[split]
+        fields = {**self.spec.key_fields(), "split": split, "seed": seed}
+        height, width = self.spec.input_size
+
+        def build(out: np.ndarray) -> list[str]:
+            log.info("generating %d %s images (seed %s) into the cache", count, split, seed)
+            texts, _ = generate(self.spec, seed, split, count, workers=self.gen_workers, out=out, progress=True)
+            return texts
+
+        return cache.get_or_build(self.cache_dir, f"synthetic-{split}", fields, count, build, (height, width, 3))
+
+    def prepare_data(self) -> None:
+        for split in self.splits:
+            self._split(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, tuple(self.splits)) if stage else tuple(self.splits):
+            if split not in self.datasets:
+                texts, images = self._split(split)
+                transform = self.train_transform if split == "train" else None
+                self.datasets[split] = CaptchaArrayDataset(images, texts, self.charset, self.max_length, transform)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train and len(self.datasets[split]) > self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,239 @@
+"""Reproducible CAPTCHA generation with the ``captcha`` package, in parallel.
+
+``captcha.image`` draws every random number from the ``secrets`` module, which
+cannot be seeded. We swap the module reference that ``captcha.image`` holds for an
+object with the same three functions backed by ``random.Random``, seeded per image
+from ``(seed, split, index)``. Image ``i`` therefore depends only on its own seed,
+not on which worker drew it or in what order, and the same seed gives
+byte-identical images on every run and any number of workers.
+
+This module does not import torch, so spawned workers start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import random
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from captcha_lit.charset import Charset
+from captcha_lit.preprocess import resize_to_input
+
+
+class _SeededSecrets:
+    """The subset of ``secrets`` that ``captcha.image`` calls, driven by a seeded RNG."""
+
+    def __init__(self, rng: random.Random):
+        self._rng = rng
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+    def randbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choice(self, seq):
+        return self._rng.choice(seq)
+
+
+@contextlib.contextmanager
+def _seeded_captcha(rng: random.Random) -> Iterator[None]:
+    import captcha.image as captcha_image
+
+    original = captcha_image.secrets
+    captcha_image.secrets = _SeededSecrets(rng)
+    try:
+        yield
+    finally:
+        captcha_image.secrets = original
+
+
+def resolve_fonts(fonts: Sequence[str] | str | None) -> list[str] | None:
+    """Font spec -> list of TTF/OTF files; ``None`` keeps the package's own font.
+
+    Each entry may be a file, a directory (all .ttf/.otf inside) or a glob, and the
+    special name ``dejavu`` selects the DejaVu fonts that matplotlib ships.
+    """
+    if fonts is None or fonts == "default" or fonts == []:
+        return None
+    if isinstance(fonts, str):
+        fonts = [fonts]
+    files: list[str] = []
+    for spec in fonts:
+        spec = os.path.expanduser(str(spec))
+        if spec == "default":
+            import captcha.image
+
+            files.extend(captcha.image.DEFAULT_FONTS)
+        elif spec == "dejavu":
+            try:
+                import matplotlib
+            except ImportError:
+                raise ValueError("data.fonts 'dejavu' needs matplotlib, which ships the DejaVu fonts") from None
+            folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+            files.extend(sorted(str(p) for p in folder.glob("DejaVuSans*.ttf")))
+        elif os.path.isdir(spec):
+            found = sorted(str(p) for p in Path(spec).iterdir() if p.suffix.lower() in (".ttf", ".otf"))
+            if not found:
+                raise ValueError(f"data.fonts: folder {spec!r} has no .ttf or .otf files")
+            files.extend(found)
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            found = sorted(glob.glob(spec))
+            if not found:
+                raise ValueError(f"data.fonts: {spec!r} is not a font file, folder or glob that matches anything")
+            files.extend(found)
+    return files
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything that determines the generated images: also the cache key."""
+
+    charset: str = "0-9A-Z"
+    min_length: int = 5
+    max_length: int = 5
+    width: int = 160
+    height: int = 60
+    input_size: tuple[int, int] = (60, 160)
+    fonts: tuple[str, ...] | None = None
+    font_sizes: tuple[int, ...] | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.min_length < 1:
+            raise ValueError(f"data.min_length={self.min_length}: CAPTCHA length must be at least 1")
+        if self.max_length < self.min_length:
+            raise ValueError(
+                f"data.max_length={self.max_length} is less than data.min_length={self.min_length}"
+            )
+        if self.width < 8 or self.height < 8:
+            raise ValueError(f"data.width x data.height = {self.width}x{self.height} is too small; use at least 8x8")
+        Charset(self.charset)  # validates
+
+    def key_fields(self) -> dict:
+        return {
+            "charset": Charset(self.charset).chars,
+            "min_length": self.min_length,
+            "max_length": self.max_length,
+            "width": self.width,
+            "height": self.height,
+            "input_size": list(self.input_size),
+            "fonts": [_font_identity(f) for f in self.fonts] if self.fonts else None,
+            "font_sizes": list(self.font_sizes) if self.font_sizes else None,
+        }
+
+
+def _font_identity(path: str) -> str:
+    """A font is identified by its file name and size, so moving a venv keeps the cache."""
+    try:
+        return f"{os.path.basename(path)}:{os.path.getsize(path)}"
+    except OSError:
+        return os.path.basename(path)
+
+
+class CaptchaGenerator:
+    """Draws (text, image) pairs, each determined by ``(seed, split, index)``."""
+
+    def __init__(self, spec: GeneratorSpec):
+        from captcha.image import ImageCaptcha
+
+        self.spec = spec
+        self.charset = Charset(spec.charset)
+        self._captcha = ImageCaptcha(
+            width=spec.width,
+            height=spec.height,
+            fonts=list(spec.fonts) if spec.fonts else None,
+            font_sizes=tuple(spec.font_sizes) if spec.font_sizes else None,
+        )
+
+    def sample(self, seed: int | str, split: str, index: int) -> tuple[str, np.ndarray]:
+        rng = random.Random(f"captcha_lit:{seed}:{split}:{index}")
+        length = rng.randint(self.spec.min_length, self.spec.max_length)
+        text = "".join(rng.choice(self.charset.chars) for _ in range(length))
+        with _seeded_captcha(rng):
+            image = self._captcha.generate_image(text)
+        return text, resize_to_input(image, self.spec.input_size)
+
+
+_worker_generator: CaptchaGenerator | None = None
+
+
+def _init_worker(spec: GeneratorSpec) -> None:
+    global _worker_generator
+    _worker_generator = CaptchaGenerator(spec)
+
+
+def _generate_chunk(args: tuple[int | str, str, int, int]) -> tuple[int, list[str], np.ndarray]:
+    seed, split, start, stop = args
+    assert _worker_generator is not None
+    texts, images = [], []
+    for index in range(start, stop):
+        text, image = _worker_generator.sample(seed, split, index)
+        texts.append(text)
+        images.append(image)
+    return start, texts, np.stack(images)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def generate(
+    spec: GeneratorSpec,
+    seed: int | str,
+    split: str,
+    count: int,
+    *,
+    workers: int | None = None,
+    out: np.ndarray | None = None,
+    chunk_size: int = 256,
+    progress: bool = False,
+) -> tuple[list[str], np.ndarray]:
+    """Generate ``count`` images -> (texts, uint8 array of shape (count, H, W, 3)).
+
+    ``out`` may be a preallocated (e.g. memory-mapped) array to fill in place.
+    """
+    height, width = spec.input_size
+    if out is None:
+        out = np.empty((count, height, width, 3), dtype=np.uint8)
+    texts: list[str] = [""] * count
+    workers = default_workers() if workers is None else max(1, int(workers))
+    chunks = [(seed, split, s, min(s + chunk_size, count)) for s in range(0, count, chunk_size)]
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=count, desc=f"generating {split}", unit="img", leave=False)
+        except ImportError:
+            pass
+    if workers == 1 or len(chunks) <= 1:
+        _init_worker(spec)
+        results: Iterator = map(_generate_chunk, chunks)
+        pool = None
+    else:
+        # spawn, not fork: the parent may hold torch/OpenMP state that is unsafe to fork.
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(spec,))
+        results = pool.map(_generate_chunk, chunks)
+    try:
+        for start, chunk_texts, chunk_images in results:
+            out[start : start + len(chunk_texts)] = chunk_images
+            texts[start : start + len(chunk_texts)] = chunk_texts
+            if bar is not None:
+                bar.update(len(chunk_texts))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    return texts, out

@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint on the fixed test split.
+
+    python -m captcha_lit.eval ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt
+
+The data and preprocessing config come from the checkpoint. ``data.<key>=value``
+overrides on the command line replace single values (e.g. data.num_test=500);
+``data=<option>`` replaces the whole data config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from captcha_lit.builders import build_datamodule, checkpoint_data_config, load_module, to_plain
+from captcha_lit.utils import entry_point, output_dir, write_json
+
+log = logging.getLogger(__name__)
+
+_MODEL_OWNED = ("charset", "min_length", "max_length", "input_size", "mean", "std")
+
+
+def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> dict:
+    """The checkpoint's data config, with the user's data.* overrides applied on top."""
+    composed = to_plain(cfg.data)
+    if any(o.split("=", 1)[0].lstrip("+~") == "data" for o in overrides):
+        data = dict(composed)
+    else:
+        data = checkpoint_data_config(state)
+        for override in overrides:
+            key = override.split("=", 1)[0].lstrip("+~")
+            if key.startswith("data."):
+                name = key.split(".", 2)[1]
+                data[name] = composed.get(name)
+    hp = state["hyper_parameters"]
+    for key in _MODEL_OWNED:  # the model can only read what it was trained on
+        if key in data and data[key] != hp[key] and not (key in ("min_length", "max_length")):
+            log.warning("data.%s=%s differs from the checkpoint's %s; using the checkpoint's", key, data[key], hp[key])
+        data[key] = hp[key]
+    return data
+
+
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    start = time.time()
+    out_dir = output_dir(cfg)
+    module, state = load_module(cfg.ckpt_path)
+    data = resolve_data_config(cfg, state, overrides or [])
+    datamodule = build_datamodule(data)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                                     enable_autolog_hparams=False)
+    results = trainer.test(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "num_test": data.get("num_test"),
+                    "wall_time_s": round(time.time() - start, 2)})
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    print("\n".join(["", "test metrics:"] + [f"  {k:<16} {v}" for k, v in metrics.items()]))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg, list(HydraConfig.get().overrides.task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The seed's design: conv + pool stages, fully connected layers, one softmax head per position."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from captcha_lit.models.layers import FlattenHeads, check_input_size, conv_bn_relu
+from captcha_lit.models.registry import register_model
+
+
+class CaptchaCNN(nn.Module):
+    decoder = "positional"
+
+    def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
+                 convs_per_stage: int, hidden: int, dropout: float, in_channels: int = 3):
+        super().__init__()
+        check_input_size("cnn", input_size, (2 ** len(channels), 2 ** len(channels)))
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for ch in channels:
+            for _ in range(convs_per_stage):
+                layers.append(conv_bn_relu(prev, ch))
+                prev = ch
+            layers.append(nn.MaxPool2d(2))
+        self.backbone = nn.Sequential(*layers)
+        out_h, out_w = int(input_size[0]) >> len(channels), int(input_size[1]) >> len(channels)
+        self.head = FlattenHeads(prev * out_h * out_w, num_classes, max_length, hidden, dropout)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D): the features each position's classifier sees."""
+        return self.head.features(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.classify(self.forward_features(x))
+
+
+@register_model("cnn", decoder="positional")
+def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (32, 64, 128, 256),
+        convs_per_stage: int = 1, hidden: int = 512, dropout: float = 0.3) -> CaptchaCNN:
+    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout)

@@ -1,0 +1,60 @@
+"""CRNN: convolutional features, a bidirectional recurrent sequence model, CTC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from captcha_lit.models.layers import VGGBackbone, check_input_size
+from captcha_lit.models.registry import register_model
+from captcha_lit.models.resnet import ResNetBackbone, SequenceNeck
+
+
+class CRNN(nn.Module):
+    decoder = "ctc"
+
+    def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
+                 strides, dim: int, rnn: str, rnn_layers: int, dropout: float):
+        super().__init__()
+        if backbone == "vgg":
+            self.backbone = VGGBackbone(channels, strides)
+        elif backbone == "resnet":
+            self.backbone = ResNetBackbone(channels, blocks, strides)
+        else:
+            raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")
+        check_input_size("crnn", input_size, self.backbone.downsample)
+        out_h = int(input_size[0]) // self.backbone.downsample[0]
+        self.seq_len = int(input_size[1]) // self.backbone.downsample[1]
+        if self.seq_len < 2 * max_length + 1:
+            raise ValueError(
+                f"data.input_size width {input_size[1]} gives model 'crnn' only {self.seq_len} time steps, but CTC "
+                f"needs at least 2*max_length+1 = {2 * max_length + 1} for {max_length} characters; widen the input "
+                "or reduce the width strides in model.strides"
+            )
+        self.neck = SequenceNeck(self.backbone.out_channels, out_h, dim, dropout)
+        rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}.get(rnn)
+        if rnn_cls is None:
+            raise ValueError(f"model.rnn={rnn!r}: use 'gru' or 'lstm'")
+        self.rnn = rnn_cls(dim, dim // 2, num_layers=rnn_layers, bidirectional=True, batch_first=True,
+                           dropout=dropout if rnn_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes + 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): one feature per time step."""
+        seq, _ = self.rnn(self.neck(self.backbone(x)))
+        return seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.forward_features(x)))
+
+
+@register_model("crnn", decoder="ctc")
+def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",
+         channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
+         strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "gru",
+         rnn_layers: int = 1, dropout: float = 0.1) -> CRNN:
+    return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
+                tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout)

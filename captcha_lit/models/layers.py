@@ -1,0 +1,110 @@
+"""Building blocks shared by the architectures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+def check_input_size(name: str, input_size: Sequence[int], downsample: tuple[int, int], min_out: tuple[int, int] = (1, 1)) -> None:
+    """Fail early, naming the size, when the feature map would vanish."""
+    height, width = int(input_size[0]), int(input_size[1])
+    need_h, need_w = downsample[0] * min_out[0], downsample[1] * min_out[1]
+    if height < need_h or width < need_w:
+        raise ValueError(
+            f"data.input_size=[{height}, {width}] is too small for model {name!r}: it downsamples by "
+            f"{downsample[0]}x{downsample[1]}, so use at least [{need_h}, {need_w}]"
+        )
+
+
+class PositionAttentionHead(nn.Module):
+    """One softmax per character position, read from a feature sequence by attention.
+
+    Each position has a learned query that attends over the width of the feature
+    map; the attended feature goes through that position's own classifier. This
+    keeps per-position CrossEntropy while letting each position find its
+    character wherever the CAPTCHA placed it.
+    """
+
+    def __init__(self, dim: int, num_classes: int, max_length: int, seq_len: int, heads: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.queries = nn.Parameter(torch.randn(1, max_length, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * 2, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        # A grouped weight = one independent linear classifier per position.
+        self.weight = nn.Parameter(torch.empty(max_length, dim, num_classes))
+        self.bias = nn.Parameter(torch.zeros(max_length, num_classes))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+
+    def features(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) sequence -> (B, L, D) one feature per position."""
+        seq = seq + self.pos_embed
+        q = self.queries.expand(seq.shape[0], -1, -1)
+        x, _ = self.attn(q, seq, seq, need_weights=False)
+        x = self.norm(x + q)
+        return self.norm2(x + self.mlp(x))
+
+    def classify(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bld,ldc->blc", feats, self.weight) + self.bias
+
+
+class FlattenHeads(nn.Module):
+    """The classic design: flatten, fully connected layers, one linear head per position."""
+
+    def __init__(self, in_features: int, num_classes: int, max_length: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True), nn.Dropout(dropout),
+        )
+        self.heads = nn.ModuleList(nn.Linear(hidden, num_classes) for _ in range(max_length))
+
+    def features(self, fmap: torch.Tensor) -> torch.Tensor:
+        shared = self.fc(fmap)
+        return shared.unsqueeze(1).expand(-1, len(self.heads), -1)
+
+    def classify(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(feats[:, i]) for i, head in enumerate(self.heads)], dim=1)
+
+
+class VGGBackbone(nn.Module):
+    """One conv-BN-ReLU per stage, each followed by max-pooling with that stage's (h, w) stride."""
+
+    def __init__(self, channels: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int = 3):
+        super().__init__()
+        if len(channels) != len(strides):
+            raise ValueError(f"model.channels has {len(channels)} stages but model.strides has {len(strides)}")
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for ch, stride in zip(channels, strides):
+            layers.append(conv_bn_relu(prev, ch))
+            if tuple(stride) != (1, 1):
+                layers.append(nn.MaxPool2d(tuple(stride)))
+            prev = ch
+        self.body = nn.Sequential(*layers)
+        self.out_channels = prev
+        self.downsample = (_prod(s[0] for s in strides), _prod(s[1] for s in strides))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out

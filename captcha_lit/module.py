@@ -1,0 +1,230 @@
+"""The LightningModule: builds the network from plain hyperparameters, computes
+losses, decodes, and tracks per-character and whole-sequence metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.text import CharErrorRate
+
+from captcha_lit.charset import Charset
+from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
+from captcha_lit.decoding import Decoded, decode_ctc_greedy, decode_positional
+from captcha_lit.models import get_model, model_decoder
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULERS = ("none", "onecycle", "cosine")
+
+
+def _stage_metrics(with_cer: bool) -> nn.ModuleDict:
+    metrics = {"loss": MeanMetric(), "seq_acc": MeanMetric(), "char_acc": MeanMetric()}
+    if with_cer:
+        metrics["cer"] = CharErrorRate()
+    return nn.ModuleDict(metrics)
+
+
+class CaptchaModule(L.LightningModule):
+    """A CAPTCHA solver. Every argument is a plain value, so checkpoints are self-contained:
+    ``CaptchaModule.load_from_checkpoint(path)`` rebuilds the network, and the
+    checkpoint loads with ``torch.load(..., weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: str = "resnet",
+        model_kwargs: dict | None = None,
+        charset: str = "0-9A-Z",
+        min_length: int = 5,
+        max_length: int = 5,
+        input_size: Sequence[int] = (48, 128),
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        augmentation: dict | None = None,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
+        scheduler = dict(scheduler or {"name": "none"})
+        self.save_hyperparameters(
+            {
+                "arch": arch, "model_kwargs": dict(model_kwargs or {}), "charset": Charset(charset).chars,
+                "min_length": int(min_length), "max_length": int(max_length),
+                "input_size": [int(v) for v in input_size], "mean": [float(v) for v in mean],
+                "std": [float(v) for v in std], "optimizer": optimizer, "scheduler": scheduler,
+                "augmentation": dict(augmentation or {}), "channels_last": bool(channels_last),
+            }
+        )
+        _check_optim(optimizer, scheduler)
+        self.charset = Charset(charset)
+        if min_length < 1:
+            raise ValueError(f"data.min_length={min_length}: CAPTCHA length must be at least 1")
+        if max_length < min_length:
+            raise ValueError(f"data.max_length={max_length} is less than data.min_length={min_length}")
+        self.variable_length = min_length != max_length
+        num_classes = len(self.charset)
+        self.decoder = model_decoder(arch)
+        # Positional models with variable length predict an end symbol after the text;
+        # CTC handles variable length natively.
+        self.end_class = num_classes if (self.decoder == "positional" and self.variable_length) else None
+        self.net = get_model(arch, num_classes=num_classes + (self.end_class is not None), max_length=max_length,
+                             input_size=tuple(input_size), **(model_kwargs or {}))
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.preprocess = EvalPreset(mean=mean, std=std)
+        augmentation = dict(augmentation or {})
+        backend = augmentation.pop("backend", "batch")
+        if backend not in AUGMENTATION_BACKENDS:
+            raise ValueError(f"augmentation.backend={backend!r}: use one of {', '.join(AUGMENTATION_BACKENDS)}")
+        self.batch_augment = BatchAugment(**augmentation) if backend == "batch" and augmentation else None
+        self.train_metrics = _stage_metrics(with_cer=False)
+        self.val_metrics = _stage_metrics(with_cer=True)
+        self.test_metrics = _stage_metrics(with_cer=True)
+        self.val_seq_acc_best = MaxMetric()
+
+    # ---- inference -------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """uint8 batches -> augmented (when training) and normalized float batches."""
+        images = batch["image"]
+        if images.dtype == torch.uint8:
+            if self._trainer is not None and self._trainer.training and self.batch_augment is not None:
+                images = self.preprocess.normalize(self.batch_augment(self.preprocess.to_float(images)))
+            else:
+                images = self.preprocess(images)
+            batch = {**batch, "image": images}
+        return batch
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized float images (B, 3, H, W) -> logits."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net.forward_features(images)
+
+    def decode(self, logits: torch.Tensor) -> Decoded:
+        if self.decoder == "ctc":
+            return decode_ctc_greedy(logits, blank=self.charset.blank)
+        return decode_positional(logits, end_class=self.end_class)
+
+    def predict_texts(self, images: torch.Tensor) -> tuple[list[str], Decoded]:
+        decoded = self.decode(self(images))
+        return [self.charset.decode(row) for row in decoded.indices], decoded
+
+    # ---- training --------------------------------------------------------------------
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.decoder == "ctc":
+            log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C+1)
+            input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
+            flat_targets = targets[targets >= 0]
+            return F.ctc_loss(log_probs, flat_targets, input_lengths, lengths, blank=self.charset.blank,
+                              zero_infinity=True)
+        if self.end_class is not None:
+            targets = targets.masked_fill(targets < 0, self.end_class)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+    def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        images, targets, lengths = batch["image"], batch["target"], batch["length"]
+        logits = self(images)
+        loss = self.compute_loss(logits, targets, lengths)
+        metrics = getattr(self, f"{stage}_metrics")
+        with torch.no_grad():
+            decoded = self.decode(logits.detach())
+            seq_correct, char_correct = _match(decoded.indices, targets)
+        metrics["loss"].update(loss.detach(), weight=images.shape[0])
+        metrics["seq_acc"].update(seq_correct)
+        metrics["char_acc"].update(char_correct)
+        if "cer" in metrics:
+            preds = [self.charset.decode(row) for row in decoded.indices]
+            truths = [self.charset.decode(row) for row in targets.tolist()]
+            metrics["cer"].update(preds, truths)
+        on_step = stage == "train"
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, on_step=on_step and name == "loss", on_epoch=True,
+                     prog_bar=name in ("loss", "seq_acc"), batch_size=images.shape[0])
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming with a new trainer.max_epochs changes the run's length: keep the scheduler's
+        # progress but let its length follow this run (OneCycleLR raises past its old total).
+        for state in checkpoint.get("lr_schedulers") or []:
+            for key in ("total_steps", "_schedule_phases", "T_max"):
+                state.pop(key, None)
+
+    def on_train_start(self) -> None:
+        # Sanity-check validation must not count toward the best score.
+        self.val_seq_acc_best.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_seq_acc_best(self.val_metrics["seq_acc"].compute())
+        self.log("val/seq_acc_best", self.val_seq_acc_best.compute(), prog_bar=False)
+
+    def configure_optimizers(self) -> Any:
+        opt_cfg = dict(self.hparams.optimizer)
+        name = opt_cfg.pop("name")
+        optimizer = OPTIMIZERS[name](self.parameters(), **opt_cfg)
+        sched_cfg = dict(self.hparams.scheduler)
+        kind = sched_cfg.pop("name")
+        if kind == "none":
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        if kind == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=sched_cfg.get("max_lr") or opt_cfg["lr"], total_steps=max(total_steps, 1),
+                pct_start=sched_cfg.get("pct_start", 0.15), div_factor=sched_cfg.get("div_factor", 25.0),
+                final_div_factor=sched_cfg.get("final_div_factor", 1e3),
+                cycle_momentum=name == "sgd",
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(total_steps, 1), eta_min=sched_cfg.get("eta_min", 0.0)
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_optim(optimizer: dict, scheduler: dict) -> None:
+    name = optimizer.get("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))}")
+    lr = optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"optimizer.lr={lr!r} must be a positive number")
+    kind = scheduler.get("name")
+    if kind not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {kind!r}; choose one of: {', '.join(SCHEDULERS)}")
+    try:
+        OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], **{k: v for k, v in optimizer.items() if k != "name"})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"optimizer {name!r} rejects its config {optimizer}: {exc}") from None
+
+
+def _match(pred_rows: list[list[int]], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample exact match, and per-target-character positional match."""
+    seq, chars = [], []
+    for pred, target in zip(pred_rows, targets.tolist()):
+        target = [t for t in target if t >= 0]
+        seq.append(float(pred == target))
+        chars.extend(float(i < len(pred) and pred[i] == t) for i, t in enumerate(target))
+    return torch.tensor(seq), torch.tensor(chars)

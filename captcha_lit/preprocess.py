@@ -1,0 +1,122 @@
+"""Image decoding and resizing shared by training, eval, predict, export and serve.
+
+This module needs only Pillow and numpy, so the torch-free runtime uses the very
+same code path that produced the training data.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+# Refuse decompression bombs well before Pillow's own (much larger) limit.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ImageDecodeError(ValueError):
+    """The input is not a readable image."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparency is composited on white, 16-bit is scaled to 8-bit."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source: ImageInput, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode ``source`` (path, bytes, PIL image or HxWxC uint8 array) to an RGB image.
+
+    Raises ImageDecodeError naming the input for empty, non-image, truncated or
+    oversized data.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+        label = name or "image"
+    elif isinstance(source, np.ndarray):
+        label = name or "array"
+        if source.dtype != np.uint8 or source.ndim not in (2, 3):
+            raise ImageDecodeError(f"{label}: expected a HxW or HxWxC uint8 array, got {source.dtype} {source.shape}")
+        image = Image.fromarray(source)
+    else:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+            label = name or "image bytes"
+        else:
+            path = Path(source)
+            label = name or str(path)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise ImageDecodeError(f"{label}: file not found") from None
+            except IsADirectoryError:
+                raise ImageDecodeError(f"{label}: is a directory, not an image file") from None
+            except OSError as exc:
+                raise ImageDecodeError(f"{label}: cannot read file ({exc.strerror})") from None
+        if not data:
+            raise ImageDecodeError(f"{label}: is empty (0 bytes)")
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            image.load()
+        except ImageDecodeError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageDecodeError(f"{label}: not a recognized image format") from None
+        except Image.DecompressionBombError:
+            raise ImageDecodeError(f"{label}: too many pixels (decompression bomb)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"{label}: corrupt or truncated image ({exc})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"{label}: has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    image = ImageOps.exif_transpose(image) if image.format == "JPEG" else image
+    return _to_rgb(image)
+
+
+def resize_to_input(image: Image.Image, input_size: tuple[int, int]) -> np.ndarray:
+    """RGB image -> (H, W, 3) uint8 array at the model's ``input_size`` = (height, width)."""
+    height, width = int(input_size[0]), int(input_size[1])
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_input(source: ImageInput, input_size: tuple[int, int], *, name: str | None = None) -> np.ndarray:
+    """Decode and resize: the one preprocessing step before normalization."""
+    return resize_to_input(open_image(source, name=name), input_size)
+
+
+def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, scaled to [0, 1] then normalized."""
+    x = batch_hwc.astype(np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,0 +1,108 @@
+"""Train a CAPTCHA solver.
+
+    python -m captcha_lit.train                                  # the default recipe
+    python -m captcha_lit.train model=cnn trainer.max_epochs=50
+    python -m captcha_lit.train -m optimizer=adam,adamw,sgd model=cnn,resnet
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, to_plain
+from captcha_lit.callbacks import RunTimeline
+from captcha_lit.utils import entry_point, flatten, output_dir, write_json
+
+log = logging.getLogger(__name__)
+_PROCESS_START = time.time()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, then test the best checkpoint; write and return metrics.json's content."""
+    start = time.time()
+    out_dir = output_dir(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("ckpt_path"):
+        check_checkpoint(cfg.ckpt_path)
+
+    datamodule = build_datamodule(cfg.data, cfg.get("augmentation"))
+    model = build_module(cfg)
+
+    timeline = RunTimeline(start_time=min(_PROCESS_START, start))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     enable_autolog_hparams=False)
+    hparams = flatten(to_plain(cfg))
+    hp_metrics = {"hp/val_seq_acc_best": 0.0, "hp/test_seq_acc": 0.0}
+    for lg in trainer.loggers:
+        lg.log_hyperparams(hparams, metrics=hp_metrics) if _takes_metrics(lg) else lg.log_hyperparams(hparams)
+
+    log.info("training %s on %s", cfg.model.name, trainer.accelerator.__class__.__name__)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        ckpt = Path(out_dir) / "checkpoints"
+        raise KeyboardInterrupt(
+            f"training was interrupted; resume with ckpt_path={ckpt / 'last.ckpt'} "
+            f"(or {ckpt / 'interrupted.ckpt'})"
+        )
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    ckpt_cb = trainer.checkpoint_callback
+    best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    last_ckpt = getattr(ckpt_cb, "last_model_path", None) or None
+    test_metrics: dict = {}
+    if cfg.get("test"):
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    metrics = {
+        **test_metrics,
+        "val/seq_acc_best": fit_metrics.get("val/seq_acc_best"),
+        "val/seq_acc": fit_metrics.get("val/seq_acc"),
+        "best_ckpt": best_ckpt,
+        "last_ckpt": last_ckpt,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "wall_time_s": round(time.time() - timeline.start_time, 2),
+        "train_images_per_s": round(timeline.throughput, 1) if timeline.throughput else None,
+        "timeline": timeline.points,
+    }
+    for lg in trainer.loggers:
+        lg.log_metrics({"hp/val_seq_acc_best": metrics["val/seq_acc_best"] or 0.0,
+                        "hp/test_seq_acc": metrics.get("test/seq_acc") or 0.0}, step=trainer.global_step)
+        lg.finalize("success")
+    if trainer.is_global_zero:
+        write_json(Path(out_dir) / "metrics.json", metrics)
+        summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k in ("wall_time_s", "train_images_per_s")}
+        log.info("final metrics: %s", summary)
+        print("\n".join(["", "final metrics:"] + [f"  {k:<22} {v}" for k, v in summary.items()]
+                        + [f"  best checkpoint        {best_ckpt}", f"  run directory          {out_dir}"]))
+    return metrics
+
+
+def _takes_metrics(logger) -> bool:
+    import inspect
+
+    return "metrics" in inspect.signature(logger.log_hyperparams).parameters
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric"))
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

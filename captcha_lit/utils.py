@@ -1,0 +1,73 @@
+"""Small helpers shared by the entry points."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> str:
+    """The run directory: paths.output_dir (Hydra's run dir unless a test overrides it)."""
+    out = str(cfg.paths.output_dir)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flatten(tree: Any, prefix: str = "") -> dict:
+    """Nested dicts/lists -> {"a/b": scalar}, for TensorBoard's hparams table."""
+    flat: dict = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}/"))
+    elif isinstance(tree, (list, tuple)):
+        flat[prefix.rstrip("/")] = str(list(tree))
+    else:
+        flat[prefix.rstrip("/")] = tree if isinstance(tree, (int, float, str, bool)) or tree is None else str(tree)
+    return {k: ("null" if v is None else v) for k, v in flat.items()}
+
+
+def entry_point(fn: Callable) -> Callable:
+    """Bad input from the user (ValueError, FileNotFoundError) ends the program with a one-line
+    error and exit code 2 instead of a traceback from deep inside a library.
+    ``CAPTCHA_LIT_DEBUG=1`` shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as exc:
+            if os.environ.get("CAPTCHA_LIT_DEBUG"):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as exc:
+            print(f"\ninterrupted: {exc}" if str(exc) else "\ninterrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

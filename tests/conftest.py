@@ -1,0 +1,119 @@
+"""Shared fixtures: Hydra-composed configs that write only into temporary folders.
+
+Every generated split goes into one cache folder per test session, so tests that
+use the same data sizes generate it once. Nothing is written under the
+repository, ``~/.cache`` or any shared folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+# Tiny but real: a few batches of every split at the default model input size.
+TINY_DATA = [
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.input_size=[32,96]",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "data.gen_workers=1",
+]
+QUIET_TRAINER = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.num_sanity_val_steps=0",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One generated-data cache for the whole session."""
+    return tmp_path_factory.mktemp("captcha_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_env(cache_dir, monkeypatch):
+    """Anything that falls back to CAPTCHA_LIT_CACHE uses the session's temporary cache."""
+    monkeypatch.setenv("CAPTCHA_LIT_CACHE", str(cache_dir))
+    monkeypatch.delenv("CAPTCHA_LIT_DEBUG", raising=False)
+
+
+def _compose(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose like ``@hydra.main`` does, with the run directory pointed at ``output_dir``.
+
+    The returned config has no ``hydra`` node (as in a real run), but HydraConfig is set,
+    so ``${hydra:...}`` interpolations and ``HydraConfig.get()`` work.
+    """
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
+    """``make_cfg("train", [overrides], name="run1")`` -> composed config writing into tmp_path/run1."""
+    counter = {"n": 0}
+
+    def make(config_name: str = "train", overrides: list[str] | None = None, name: str | None = None) -> DictConfig:
+        counter["n"] += 1
+        out = tmp_path / (name or f"{config_name}{counter['n']}")
+        base = [f"data.cache_dir={cache_dir}"]
+        if config_name == "train":
+            base += TINY_DATA + QUIET_TRAINER
+        else:
+            base += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+                     "trainer.enable_model_summary=false"]
+        return _compose(config_name, base + list(overrides or []), out)
+
+    return make
+
+
+@pytest.fixture
+def cfg_train(make_cfg) -> DictConfig:
+    """The default train config with tiny data, one epoch, on CPU."""
+    return make_cfg("train", ["trainer.max_epochs=1"])
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
+
+
+def cli_env(cache_dir: Path) -> dict:
+    """Environment for subprocess runs of the entry points."""
+    env = dict(os.environ)
+    env["CAPTCHA_LIT_CACHE"] = str(cache_dir)
+    env.pop("CAPTCHA_LIT_DEBUG", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+PYTHON = sys.executable

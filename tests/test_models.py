@@ -1,0 +1,207 @@
+import pytest
+import torch
+
+from captcha_lit.decoding import decode_ctc_greedy, decode_positional
+from captcha_lit.models import get_model, list_models, model_decoder
+from captcha_lit.module import CaptchaModule
+
+NUM_CLASSES, MAX_LEN, INPUT = 36, 5, (32, 96)
+
+
+def test_builtin_models_are_registered():
+    assert {"cnn", "crnn", "resnet"} <= set(list_models())
+    assert model_decoder("cnn") == "positional"
+    assert model_decoder("resnet") == "positional"
+    assert model_decoder("crnn") == "ctc"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape(name):
+    torch.manual_seed(0)
+    net = get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=INPUT).eval()
+    assert net.decoder == model_decoder(name)
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, *INPUT))
+    assert out.ndim == 3 and out.shape[0] == 2
+    if net.decoder == "positional":
+        assert out.shape == (2, MAX_LEN, NUM_CLASSES)
+    else:
+        assert out.shape[2] == NUM_CLASSES + 1  # blank
+        assert out.shape[1] >= 2 * MAX_LEN + 1  # enough CTC time steps
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_input_too_small(name):
+    with pytest.raises(ValueError, match="too small") as info:
+        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(8, 8))
+    assert "[8, 8]" in str(info.value)
+
+
+def test_crnn_needs_enough_time_steps():
+    with pytest.raises(ValueError, match="time steps"):
+        get_model("crnn", num_classes=10, max_length=10, input_size=(32, 64))
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError) as info:
+        get_model("nope", num_classes=10, max_length=5, input_size=INPUT)
+    message = str(info.value)
+    assert "unknown model 'nope'" in message
+    for name in list_models():
+        assert name in message
+
+
+def test_unknown_model_option_is_named():
+    with pytest.raises(ValueError, match="no option.*bogus"):
+        get_model("cnn", num_classes=10, max_length=5, input_size=INPUT, bogus=1)
+
+
+# ---- CaptchaModule ----------------------------------------------------------------------
+
+
+def _module(**kwargs) -> CaptchaModule:
+    base = dict(arch="cnn", model_kwargs={"channels": [8, 16, 16, 16], "hidden": 32}, charset="0-9", input_size=INPUT,
+                channels_last=False)
+    return CaptchaModule(**{**base, **kwargs})
+
+
+def test_module_logits_and_predictions():
+    module = _module().eval()
+    images = torch.randn(3, 3, *INPUT)
+    with torch.no_grad():
+        logits = module(images)
+        texts, decoded = module.predict_texts(images)
+    assert logits.shape == (3, 5, 10)
+    assert len(texts) == 3 and all(len(t) == 5 and t.isdigit() for t in texts)
+    assert all(0.0 <= c <= 1.0 for c in decoded.seq_conf)
+
+
+def test_module_variable_length_positional_adds_end_class():
+    module = _module(min_length=3, max_length=6).eval()
+    with torch.no_grad():
+        logits = module(torch.randn(2, 3, *INPUT))
+    assert logits.shape == (2, 6, 11)  # 10 digits + end symbol
+    assert module.end_class == 10
+
+
+def test_module_ctc_loss_is_finite():
+    module = _module(arch="crnn", model_kwargs={"dim": 32}, min_length=3, max_length=5)
+    logits = module(torch.randn(2, 3, *INPUT))
+    assert logits.shape[2] == 11
+    targets = torch.tensor([[1, 2, 3, -1, -1], [4, 5, 6, 7, 8]])
+    loss = module.compute_loss(logits, targets, torch.tensor([3, 5]))
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+
+
+def test_module_uint8_batches_are_normalized():
+    module = _module()
+    batch = {"image": torch.full((2, 3, *INPUT), 255, dtype=torch.uint8)}
+    out = module.on_after_batch_transfer(batch, 0)
+    assert out["image"].dtype == torch.float32
+    assert torch.allclose(out["image"], torch.ones_like(out["image"]))  # (1 - 0.5) / 0.5
+
+
+def test_module_unknown_optimizer_named():
+    with pytest.raises(ValueError) as info:
+        _module(optimizer={"name": "nope", "lr": 0.1})
+    assert "unknown optimizer 'nope'" in str(info.value)
+    assert "adam" in str(info.value)
+
+
+def test_module_bad_optimizer_option_named():
+    with pytest.raises(ValueError, match="optimizer 'adam' rejects"):
+        _module(optimizer={"name": "adam", "lr": 0.1, "momentum": 0.9})
+    with pytest.raises(ValueError, match="optimizer.lr"):
+        _module(optimizer={"name": "adam", "lr": -1})
+
+
+def test_module_unknown_scheduler_named():
+    with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
+        _module(scheduler={"name": "nope"})
+
+
+def test_module_rejects_duplicate_charset():
+    with pytest.raises(ValueError, match="duplicate"):
+        _module(charset="AAB")
+
+
+def test_module_rejects_unknown_arch():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        _module(arch="nope", model_kwargs={})
+
+
+def test_module_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="at least 1"):
+        _module(min_length=0)
+    with pytest.raises(ValueError, match="less than"):
+        _module(min_length=5, max_length=4)
+
+
+def test_module_hparams_are_plain_values():
+    module = _module(model_kwargs={"channels": (8, 16, 16, 16), "hidden": 32})
+    hp = dict(module.hparams)
+    assert hp["arch"] == "cnn" and hp["charset"] == "0123456789"
+    assert hp["input_size"] == [32, 96]
+    # the module can be rebuilt from its own hyperparameters
+    CaptchaModule(**hp)
+
+
+# ---- decoding ---------------------------------------------------------------------------
+
+
+def _one_hot(rows: list[list[int]], num_classes: int) -> torch.Tensor:
+    """Class index sequences -> logits whose argmax is that sequence."""
+    logits = torch.full((len(rows), len(rows[0]), num_classes), -10.0)
+    for b, row in enumerate(rows):
+        for t, k in enumerate(row):
+            logits[b, t, k] = 10.0
+    return logits
+
+
+BLANK = 3  # 3 characters + blank
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ([0, 0, 0, 1], [0, 1]),  # repeats merge
+        ([0, BLANK, 0, 1], [0, 0, 1]),  # a blank separates a doubled character
+        ([0, 0, BLANK, BLANK, 0, 0], [0, 0]),
+        ([BLANK, 2, BLANK, 1, BLANK], [2, 1]),  # blanks dropped
+        ([BLANK, BLANK, BLANK, BLANK], []),  # all blank -> empty
+        ([2, 2, 2, 2], [2]),
+    ],
+)
+def test_ctc_greedy(path, expected):
+    decoded = decode_ctc_greedy(_one_hot([path], BLANK + 1), blank=BLANK)
+    assert decoded.indices == [expected]
+    assert len(decoded.char_conf[0]) == len(expected)
+    assert 0.0 < decoded.seq_conf[0] <= 1.0
+
+
+def test_ctc_greedy_batch_rows_are_independent():
+    decoded = decode_ctc_greedy(_one_hot([[0, BLANK, 0], [BLANK, BLANK, BLANK], [1, 1, 2]], 4), blank=BLANK)
+    assert decoded.indices == [[0, 0], [], [1, 2]]
+
+
+def test_positional_without_end_class_keeps_every_position():
+    decoded = decode_positional(_one_hot([[1, 2, 0, 2]], 3))
+    assert decoded.indices == [[1, 2, 0, 2]]
+    assert len(decoded.char_conf[0]) == 4
+
+
+def test_positional_stops_at_end_symbol():
+    end = 3
+    decoded = decode_positional(_one_hot([[1, 2, end, 0], [0, 1, 2, 0], [end, 1, 1, 1]], 4), end_class=end)
+    assert decoded.indices == [[1, 2], [0, 1, 2, 0], []]
+    assert [len(c) for c in decoded.char_conf] == [2, 4, 0]
+    assert all(0.0 < c <= 1.0 for c in decoded.seq_conf)
+
+
+def test_positional_confidence_is_product_of_characters():
+    logits = torch.zeros(1, 2, 2)  # uniform over 2 classes -> each position 0.5
+    logits[0, :, 0] = 1e-3  # break ties towards class 0
+    decoded = decode_positional(logits)
+    assert decoded.seq_conf[0] == pytest.approx(0.25, abs=1e-3)

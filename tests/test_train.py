@@ -1,0 +1,236 @@
+"""End-to-end: training through Hydra, checkpoints, eval, resume, sweeps and CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from captcha_lit.eval import evaluate
+from captcha_lit.module import CaptchaModule
+from captcha_lit.train import train
+from conftest import PYTHON, REPO_ROOT, cli_env
+
+TEST_KEYS = ("test/seq_acc", "test/char_acc", "test/loss")
+# Small models so a CPU epoch takes a second or two.
+SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]
+
+
+def _read_metrics(folder: Path) -> dict:
+    path = Path(folder) / "metrics.json"
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("model", ["cnn", "crnn", "resnet"])
+def test_fast_dev_run(make_cfg, model):
+    cfg = make_cfg("train", [f"model={model}", "debug=fast"], name=f"fast_{model}")
+    metrics = train(cfg)
+    on_disk = _read_metrics(cfg.paths.output_dir)
+    for key in TEST_KEYS:
+        assert key in on_disk, f"{key} missing from metrics.json"
+        assert isinstance(on_disk[key], float)
+        assert on_disk[key] == pytest.approx(metrics[key])
+    assert 0.0 <= on_disk["test/seq_acc"] <= on_disk["test/char_acc"] <= 1.0
+    assert on_disk["test/loss"] > 0
+    assert on_disk["global_step"] == 1  # fast_dev_run: exactly one training batch
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir):
+    """One tiny real training run (1 epoch) shared by the checkpoint, eval and resume tests."""
+    from conftest import QUIET_TRAINER, TINY_DATA, _compose
+
+    out = tmp_path_factory.mktemp("trained")
+    overrides = [f"data.cache_dir={cache_dir}", *TINY_DATA, *QUIET_TRAINER, *SMALL_CRNN, "trainer.max_epochs=1",
+                 "logger=csv"]
+    cfg = _compose("train", overrides, out)
+    metrics = train(cfg)
+    return cfg, metrics, out, overrides
+
+
+def test_checkpoints_written(trained_run):
+    cfg, metrics, out, _ = trained_run
+    on_disk = _read_metrics(out)
+    ckpt_dir = out / "checkpoints"
+    assert metrics["best_ckpt"] and Path(metrics["best_ckpt"]).is_file()
+    assert Path(metrics["best_ckpt"]).parent == ckpt_dir
+    assert (ckpt_dir / "last.ckpt").is_file()
+    assert Path(metrics["last_ckpt"]) == ckpt_dir / "last.ckpt"
+    assert on_disk["best_ckpt"] == metrics["best_ckpt"]
+    assert on_disk["epochs"] == 1
+    assert on_disk["global_step"] == 64 // 16  # 4 full batches of 16
+    for key in TEST_KEYS:
+        assert key in on_disk
+    assert on_disk["val/seq_acc_best"] is not None
+    assert on_disk["wall_time_s"] > 0
+    assert on_disk["timeline"] and on_disk["timeline"][-1]["epoch"] == 0
+    assert (out / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_checkpoint_loads_safely(trained_run, which):
+    _, metrics, out, _ = trained_run
+    path = metrics["best_ckpt"] if which == "best" else out / "checkpoints" / "last.ckpt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["arch"] == "crnn"
+    assert state["hyper_parameters"]["input_size"] == [32, 96]
+    assert state["datamodule_hyper_parameters"]["num_test"] == 32
+
+    module = CaptchaModule.load_from_checkpoint(path, map_location="cpu")
+    assert module.decoder == "ctc"
+    module.eval()
+    with torch.no_grad():
+        texts, _ = module.predict_texts(torch.zeros(2, 3, 32, 96))
+    assert len(texts) == 2
+
+
+def test_eval_reproduces_train_test_metrics(trained_run, make_cfg):
+    _, metrics, _, _ = trained_run
+    cfg = make_cfg("eval", [f"ckpt_path={metrics['best_ckpt']}"], name="eval")
+    result = evaluate(cfg, [f"ckpt_path={metrics['best_ckpt']}"])
+    on_disk = _read_metrics(cfg.paths.output_dir)
+    assert on_disk["num_test"] == 32  # the checkpoint's data config, not the eval config's default
+    assert on_disk["ckpt_path"] == str(Path(metrics["best_ckpt"]).resolve())
+    for key in TEST_KEYS:
+        assert on_disk[key] == pytest.approx(metrics[key], abs=1e-5), key
+        assert result[key] == on_disk[key]
+
+
+def test_eval_data_override(trained_run, make_cfg):
+    _, metrics, _, _ = trained_run
+    overrides = [f"ckpt_path={metrics['best_ckpt']}", "data.num_test=16"]
+    cfg = make_cfg("eval", overrides, name="eval16")
+    result = evaluate(cfg, overrides)
+    assert result["num_test"] == 16
+    assert "test/seq_acc" in result
+
+
+def test_resume_from_last_checkpoint(trained_run, make_cfg):
+    _, first, out, _ = trained_run
+    last = out / "checkpoints" / "last.ckpt"
+    cfg = make_cfg("train", [*SMALL_CRNN, f"ckpt_path={last}", "trainer.max_epochs=2", "logger=csv"], name="resumed")
+    second = train(cfg)
+    assert first["epochs"] == 1
+    assert second["epochs"] == 2
+    assert second["global_step"] == 2 * first["global_step"]
+    assert second["timeline"][-1]["epoch"] == 1  # only the second epoch ran
+    resumed_last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert resumed_last.is_file()
+    # The (default, one-cycle) LR schedule continues from step 4 and now spans the longer run.
+    state = torch.load(resumed_last, map_location="cpu", weights_only=True)
+    assert cfg.scheduler.name == "onecycle"
+    sched = state["lr_schedulers"][0]
+    assert sched["total_steps"] == second["global_step"]
+    assert sched["last_epoch"] == second["global_step"]
+
+
+def test_eval_missing_checkpoint(make_cfg, tmp_path):
+    missing = tmp_path / "nowhere" / "model.ckpt"
+    cfg = make_cfg("eval", [f"ckpt_path={missing}"], name="eval_missing")
+    with pytest.raises(FileNotFoundError) as info:
+        evaluate(cfg, [])
+    assert str(missing) in str(info.value)
+
+
+def test_train_missing_resume_checkpoint(make_cfg, tmp_path):
+    missing = tmp_path / "gone.ckpt"
+    cfg = make_cfg("train", [f"ckpt_path={missing}", "trainer.max_epochs=1"], name="resume_missing")
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(cfg)
+
+
+def test_eval_rejects_non_checkpoint(make_cfg, tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    cfg = make_cfg("eval", [f"ckpt_path={bogus}"], name="eval_bogus")
+    with pytest.raises(ValueError, match="corrupt or not a PyTorch checkpoint") as info:
+        evaluate(cfg, [])
+    assert str(bogus) in str(info.value)
+
+
+class _NotPlain:
+    """A Python object that a weights_only load must refuse."""
+
+
+def test_eval_refuses_unsafe_checkpoint(make_cfg, tmp_path):
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"hyper_parameters": {"x": _NotPlain()}, "state_dict": {}}, unsafe)
+    cfg = make_cfg("eval", [f"ckpt_path={unsafe}"], name="eval_unsafe")
+    with pytest.raises(ValueError, match="needs unsafe unpickling") as info:
+        evaluate(cfg, [])
+    assert str(unsafe) in str(info.value)
+
+
+# ---- subprocess: multirun and CLI errors -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_multirun_sweep_summary(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    cmd = [PYTHON, "-m", "captcha_lit.train", "-m", "model=cnn,crnn", "debug=fast", f"hydra.sweep.dir={sweep}",
+           f"data.cache_dir={cache_dir}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in ("0", "1"):
+        metrics = _read_metrics(sweep / job)
+        for key in TEST_KEYS:
+            assert key in metrics
+    with open(sweep / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert "model=cnn" in rows[0]["overrides"] and "model=crnn" in rows[1]["overrides"]
+    assert all(r["status"] == "done" and r["test/seq_acc"] != "" for r in rows)
+    md = (sweep / "summary.md").read_text()
+    assert "model=cnn" in md and "model=crnn" in md
+    assert "test/seq_acc" in md
+
+
+CLI_CASES = {
+    "model": (["captcha_lit.train", "model.name=nope"], ["unknown model 'nope'", "cnn", "crnn", "resnet"]),
+    "optimizer": (["captcha_lit.train", "optimizer.name=nope"], ["unknown optimizer 'nope'", "adam"]),
+    "charset": (["captcha_lit.train", "data.charset=AAB"], ["'AAB'", "duplicate", "'A'"]),
+    "length": (["captcha_lit.train", "data.length=0"], ["length", "at least 1"]),
+    "input_size": (["captcha_lit.train", "data.input_size=[8,8]"], ["[8, 8]", "too small"]),
+    "eval_ckpt": (["captcha_lit.eval", "ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, cache_dir):
+    """Start every bad-input CLI run at once (each pays a torch import), then collect them."""
+    root = tmp_path_factory.mktemp("cli")
+    procs = {}
+    for name, (args, _) in CLI_CASES.items():
+        extra = ["debug=fast"] if args[0] == "captcha_lit.train" else []
+        cmd = [PYTHON, "-m", *args, *extra, f"hydra.run.dir={root / name}", f"data.cache_dir={cache_dir}",
+               "trainer.accelerator=cpu"]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    results = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=240)
+            results[name] = (proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_bad_input_is_a_clear_error(cli_runs, case):
+    code, stdout, stderr = cli_runs[case]
+    expected = CLI_CASES[case][1]
+    assert code == 2, f"exit code {code}\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, stderr[-3000:]
+    for fragment in expected:
+        assert fragment in error_lines[0], f"{fragment!r} not in {error_lines[0]!r}"
