@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test test-fast bench tensorboard clean help
+.PHONY: setup train test test-fast bench serve tensorboard clean help
 
 help:
 	@echo "make train      set up .venv, generate or reuse the dataset, train the default model, print test metrics"
 	@echo "make test       set up .venv and run the test suite"
 	@echo "make bench      run the accuracy and speed benchmarks (writes outputs/bench/)"
+	@echo "make serve      serve the newest trained checkpoint over HTTP (MODEL=path.ckpt|.onnx to choose one)"
 	@echo "make tensorboard  serve TensorBoard on outputs/"
 	@echo "pass extra Hydra overrides with ARGS='model=cnn trainer.max_epochs=3'"
 
@@ -20,7 +21,6 @@ setup: $(STAMP)
 # pyproject ranges admit them and newer compatible releases.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -e ".[deploy,viz,dev]"
 	touch $(STAMP)
@@ -36,6 +36,17 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m captcha_lit.bench $(ARGS)
+
+# The newest training run's best checkpoint (its last.ckpt if it has no best yet).
+MODEL ?= $(shell run=$$(ls -td outputs/train/runs/*/checkpoints 2>/dev/null | head -n 1); \
+	[ -n "$$run" ] && { ls -t $$run/epoch*.ckpt 2>/dev/null | head -n 1 | grep . || ls $$run/last.ckpt 2>/dev/null; })
+
+serve: $(STAMP)
+	@if [ -z "$(MODEL)" ]; then \
+		echo "no trained checkpoint in outputs/train/runs/*/checkpoints/; run \`make train\` first (or pass MODEL=path)"; \
+		exit 1; \
+	fi
+	$(PY) -m captcha_lit.serve model_path=$(MODEL) $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir outputs

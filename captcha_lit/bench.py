@@ -3,6 +3,7 @@
     python -m captcha_lit.bench                         # everything
     python -m captcha_lit.bench --only gen,load,throughput --repeats 5
     python -m captcha_lit.bench --only train_default --train-repeats 3
+    python -m captcha_lit.bench --only onnx --http-seconds 5
 
 Each figure is the median over repeats, next to a baseline measured in the same run.
 Results go to outputs/bench/<time>/results.json and table.md, and are printed.
@@ -142,6 +143,154 @@ def bench_throughput(repeats: int) -> dict:
     }
 
 
+# ---- deployment: ONNX Runtime, the Solver, the HTTP server ---------------------------------
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _captcha_png(index: int) -> bytes:
+    """One generated CAPTCHA at its canvas size, PNG-encoded like an upload."""
+    import io
+
+    from PIL import Image
+
+    from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
+
+    _, array = CaptchaGenerator(GeneratorSpec(input_size=(60, 160))).sample("bench", "onnx", index)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_load(model_path: Path, seconds: float, clients: int, work_dir: Path) -> dict:
+    """Start the real server in a subprocess and hit POST /v1/solve from ``clients`` threads."""
+    import httpx
+    import psutil
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "captcha_lit.serve", f"model_path={model_path}", f"port={port}",
+           "access_log=false", "log_level=warning", f"hydra.run.dir={work_dir / 'serve'}"]
+    env = {k: v for k, v in os.environ.items() if k != "CAPTCHA_LIT_API_KEY"}
+    url = f"http://127.0.0.1:{port}"
+    with open(work_dir / "serve.log", "w") as log_file:
+        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            if server.poll() is not None:
+                return {"error": f"server exited with code {server.returncode}; see {work_dir / 'serve.log'}"}
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                return {"error": "server did not start within 120 s"}
+            time.sleep(0.2)
+        pngs = [_captcha_png(i) for i in range(16)]
+        with httpx.Client(base_url=url) as warm:
+            for png in pngs:
+                warm.post("/v1/solve", files={"file": ("c.png", png, "image/png")}).raise_for_status()
+        rss_before = psutil.Process(server.pid).memory_info().rss
+        latencies: list[list[float]] = [[] for _ in range(clients)]
+        errors = [0] * clients
+        stop_at = time.perf_counter() + seconds
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                i = k
+                while time.perf_counter() < stop_at:
+                    t = time.perf_counter()
+                    try:
+                        ok = http.post("/v1/solve", files={"file": ("c.png", pngs[i % len(pngs)], "image/png")}
+                                       ).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    latencies[k].append((time.perf_counter() - t) * 1e3)
+                    errors[k] += not ok
+                    i += 1
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        rss_after = psutil.Process(server.pid).memory_info().rss
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    flat = [v for per_client in latencies for v in per_client]
+    return {"seconds": round(elapsed, 1), "clients": clients, "requests": len(flat), "errors": sum(errors),
+            "req_s": round(len(flat) / elapsed, 1), "p50_ms": round(_percentile(flat, 50), 2),
+            "p99_ms": round(_percentile(flat, 99), 2), "server_rss_before_mb": round(rss_before / 2**20, 1),
+            "server_rss_after_mb": round(rss_after / 2**20, 1)}
+
+
+def bench_onnx(repeats: int, http_seconds: float, http_clients: int = 16, latency_images: int = 200) -> dict:
+    """The default model (freshly initialized: speed does not depend on the weights) exported to ONNX."""
+    import torch
+
+    from captcha_lit.builders import build_module
+    from captcha_lit.export import export_onnx
+    from captcha_lit.runtime import Solver
+
+    cfg = _compose([])
+    module = build_module(cfg).eval()
+    height, width = (int(v) for v in cfg.data.input_size)
+    work_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_onnx_"))
+    try:
+        model_path = work_dir / "model.onnx"
+        export_onnx(module, {"hyper_parameters": dict(module.hparams)}, model_path, parity_images=16)
+        solver = Solver(model_path, batch_size=256)
+        images = np.random.default_rng(0).integers(0, 256, (256, height, width, 3), dtype=np.uint8)
+        batch = module.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2))
+        onnx_rates, torch_rates, p50s, p99s = [], [], [], []
+        pngs = [_captcha_png(i) for i in range(16)]
+        for _ in range(repeats):
+            solver.solve_arrays(images)
+            t = time.perf_counter()
+            for _ in range(3):
+                solver.solve_arrays(images)
+            onnx_rates.append(3 * 256 / (time.perf_counter() - t))
+            with torch.inference_mode():
+                module.decode(module(batch))
+                t = time.perf_counter()
+                for _ in range(3):
+                    module.decode(module(batch))
+                torch_rates.append(3 * 256 / (time.perf_counter() - t))
+            for png in pngs:
+                solver.solve(png)
+            latencies = []
+            for i in range(latency_images):
+                t = time.perf_counter()
+                solver.solve(pngs[i % len(pngs)])
+                latencies.append((time.perf_counter() - t) * 1e3)
+            p50s.append(_percentile(latencies, 50))
+            p99s.append(_percentile(latencies, 99))
+        result = {
+            "arch": cfg.model.name, "input_size": [height, width], "threads": solver.threads, "repeats": repeats,
+            "onnx_img_s_b256": round(_median(onnx_rates), 1), "torch_img_s_b256": round(_median(torch_rates), 1),
+            "solve_p50_ms": round(_median(p50s), 2), "solve_p99_ms": round(_median(p99s), 2),
+        }
+        result["http"] = _http_load(model_path, http_seconds, http_clients, work_dir) if http_seconds > 0 else None
+        return result
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 # ---- full training runs --------------------------------------------------------------
 def _tree_rss(pid: int) -> int:
     import psutil
@@ -212,6 +361,10 @@ def bench_training(name: str, overrides: list[str], repeats: int, out_dir: Path)
 
 
 # ---- report ----------------------------------------------------------------------------
+def _f(value, digits: int = 4) -> str:
+    return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
 def _table(results: dict) -> str:
     rows = ["| benchmark | figure | value | target |", "|---|---|---|---|"]
     if "gen" in results:
@@ -227,16 +380,30 @@ def _table(results: dict) -> str:
             rows.append(f"| throughput {name} (input {t['input_size']}, {t['params']} params) | train, batch 64 | "
                         f"{t['train_img_s']} img/s | |")
             rows.append(f"| | inference, batch 256 | {t['infer_img_s_b256']} img/s | |")
+    if "onnx" in results:
+        o = results["onnx"]
+        rows += [f"| ONNX Runtime, default model ({o['arch']}, input {o['input_size']}, {o['threads']} threads, "
+                 f"median of {o['repeats']}) | inference + decoding, batch 256 | {o['onnx_img_s_b256']} img/s | |",
+                 f"| | PyTorch baseline, batch 256 | {o['torch_img_s_b256']} img/s | |",
+                 f"| | Solver.solve on PNG bytes, p50 / p99 | {o['solve_p50_ms']} / {o['solve_p99_ms']} ms | |"]
+        h = o.get("http")
+        if h and "error" in h:
+            rows.append(f"| | HTTP load test | FAILED: {h['error']} | |")
+        elif h:
+            rows += [f"| HTTP POST /v1/solve ({h['clients']} clients, {h['seconds']} s) | latency p50 / p99 | "
+                     f"{h['p50_ms']} / {h['p99_ms']} ms | |",
+                     f"| | throughput | {h['req_s']} req/s ({h['requests']} requests, {h['errors']} errors) | |",
+                     f"| | server RSS before / after | {h['server_rss_before_mb']} / {h['server_rss_after_mb']} MB | |"]
     for key, target in (("train_default", ">= 0.99 in <= 15 min, <= 4 GB"), ("train_cnn", ">= 0.98 in <= 15 min")):
         if key in results:
             t = results[key]
             n = len([r for r in t["runs"] if "error" not in r])
             rows += [f"| {key} ({' '.join(t['overrides']) or 'no overrides'}; median of {n}) | test seq acc | "
-                     f"{t['median_test_seq_acc']} | {target} |",
+                     f"{_f(t['median_test_seq_acc'])} | {target} |",
                      f"| | wall time (incl. data generation) | {t['median_wall_s']} s | |",
                      f"| | peak RSS (process tree) | {t['median_peak_rss_gb']} GB | |",
-                     f"| | val seq acc at 5 / 10 / 15 min | {t['median_val_seq_acc_at_5min']} / "
-                     f"{t['median_val_seq_acc_at_10min']} / {t['median_val_seq_acc_at_15min']} | |",
+                     f"| | val seq acc at 5 / 10 / 15 min | {_f(t['median_val_seq_acc_at_5min'])} / "
+                     f"{_f(t['median_val_seq_acc_at_10min'])} / {_f(t['median_val_seq_acc_at_15min'])} | |",
                      f"| | train throughput | {t['median_train_img_s']} img/s | |"]
             for r in t["runs"]:
                 if "error" in r:
@@ -246,16 +413,19 @@ def _table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="gen,load,throughput,train_default,train_cnn",
-                        help="comma-separated subset of: gen, load, throughput, train_default, train_cnn")
+    parser.add_argument("--only", default="gen,load,throughput,onnx,train_default,train_cnn",
+                        help="comma-separated subset of: gen, load, throughput, onnx, train_default, train_cnn")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the quick benchmarks")
     parser.add_argument("--train-repeats", type=int, default=1, help="repeats of each full training run (~14 min each)")
     parser.add_argument("--gen-images", type=int, default=3000)
     parser.add_argument("--load-images", type=int, default=100_000)
+    parser.add_argument("--http-seconds", type=float, default=30.0,
+                        help="length of the HTTP load test in the onnx benchmark (0 skips it)")
+    parser.add_argument("--http-clients", type=int, default=16, help="concurrent clients of the HTTP load test")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = parser.parse_args(argv)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    known = {"gen", "load", "throughput", "train_default", "train_cnn"}
+    known = {"gen", "load", "throughput", "onnx", "train_default", "train_cnn"}
     unknown = set(wanted) - known
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(sorted(known))}")
@@ -268,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["load"] = bench_cache_load(args.repeats, args.load_images)
     if "throughput" in wanted:
         results["throughput"] = bench_throughput(args.repeats)
+    if "onnx" in wanted:
+        results["onnx"] = bench_onnx(args.repeats, args.http_seconds, args.http_clients)
     if "train_default" in wanted:
         results["train_default"] = bench_training("default", [], args.train_repeats, out_dir)
     if "train_cnn" in wanted:

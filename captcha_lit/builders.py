@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,17 @@ log = logging.getLogger(__name__)
 _PREPROCESSING_KEYS = ("charset", "min_length", "max_length", "input_size", "mean", "std")
 
 
+def _datasets_path(name: str = "") -> str:
+    from captcha_lit.data.folder import datasets_dir
+
+    return str(datasets_dir() / name)
+
+
+# ${captcha_lit.datasets:NAME} in a config: the named dataset folder ($CAPTCHA_LIT_DATASETS or ../shared/datasets).
+if not OmegaConf.has_resolver("captcha_lit.datasets"):
+    OmegaConf.register_new_resolver("captcha_lit.datasets", _datasets_path)
+
+
 def to_plain(node: Any) -> Any:
     """DictConfig/ListConfig -> plain dicts and lists (resolved), for checkpoints and JSON."""
     if isinstance(node, (DictConfig,)) or OmegaConf.is_config(node):
@@ -26,7 +38,9 @@ def to_plain(node: Any) -> Any:
 def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dict | None = None):
     data = dict(to_plain(data_cfg))
     source = data.pop("source", "synthetic")
-    data.pop("length", None)
+    length = data.pop("length", None)
+    if length is not None and data.get("min_length") == data.get("max_length") == length and int(length) < 1:
+        raise ValueError(f"data.length={length}: a CAPTCHA needs at least 1 character")
     if source == "synthetic":
         from captcha_lit.data.datamodule import CaptchaDataModule
 
@@ -37,21 +51,116 @@ def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dic
         if augmentation is None:
             augmentation = saved_augmentation
         return CaptchaDataModule(**data, augmentation=to_plain(augmentation) or {})
-    raise ValueError(f"data.source={source!r} is not supported; use 'synthetic'")
+    if source == "folder":
+        from captcha_lit.data.folder import FolderDataModule
+
+        data.pop("mean", None)
+        data.pop("std", None)
+        saved_augmentation = data.pop("augmentation", None)
+        if augmentation is None:
+            augmentation = saved_augmentation
+        # Sizes of generated splits (debug=fast sets them) mean nothing for a folder, which uses all its images.
+        for key in ("num_train", "num_val", "num_test"):
+            data.pop(key, None)
+        options = inspect.signature(FolderDataModule.__init__).parameters
+        unknown = sorted(set(data) - set(options))
+        if unknown:
+            raise ValueError(
+                f"data.{unknown[0]} is not an option of data.source=folder; its options are: "
+                + ", ".join(p for p in options if p not in ("self", "augmentation"))
+            )
+        return FolderDataModule(**data, augmentation=to_plain(augmentation) or {})
+    raise ValueError(f"data.source={source!r} is not supported; use 'synthetic' or 'folder'")
 
 
-def build_module(cfg: DictConfig):
+def build_module(cfg: DictConfig, datamodule=None):
+    """The CaptchaModule for ``cfg``. With a ``datamodule``, its ``label_spec()`` (e.g. the charset
+    a folder dataset inferred from its labels) takes the place of data.charset and the lengths."""
     from captcha_lit.module import CaptchaModule
 
     model = dict(to_plain(cfg.model))
     arch = model.pop("name")
-    data = to_plain(cfg.data)
+    beam_width = model.pop("beam_width", 1)
+    data = dict(to_plain(cfg.data))
+    if datamodule is not None and hasattr(datamodule, "label_spec"):
+        data.update(datamodule.label_spec())
+    for key in ("charset", "min_length", "max_length"):
+        if data.get(key) is None:
+            raise ValueError(f"data.{key} is not set, and the data source {data.get('source')!r} does not infer it")
     return CaptchaModule(
         arch=arch, model_kwargs=model, charset=data["charset"], min_length=data["min_length"],
         max_length=data["max_length"], input_size=data["input_size"], mean=data["mean"], std=data["std"],
         optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
-        augmentation=to_plain(cfg.get("augmentation")) or {},
+        augmentation=to_plain(cfg.get("augmentation")) or {}, beam_width=beam_width,
     )
+
+
+def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
+    """Start ``module``'s network from a checkpoint's weights (fine-tuning).
+
+    The architecture must match. Where the charsets differ, the rows of the output layer
+    are mapped by character: shared characters (and CTC's blank, or the end symbol) keep
+    their trained rows, new characters keep their fresh initialization. Returns a summary.
+    """
+    from captcha_lit.module import output_classes
+    from captcha_lit.models import model_decoder
+
+    state = load_checkpoint_dict(path)
+    if "hyper_parameters" not in state or "state_dict" not in state:
+        raise ValueError(f"init_from={str(path)!r} is not a captcha_lit checkpoint (no hyper_parameters/state_dict)")
+    hp, ours = state["hyper_parameters"], module.hparams
+    if hp["arch"] != ours["arch"]:
+        raise ValueError(
+            f"init_from={str(path)!r} holds a {hp['arch']!r} model, but this run builds {ours['arch']!r}; "
+            f"pass model={hp['arch']} or a checkpoint of a {ours['arch']!r} model"
+        )
+    old_classes = output_classes(hp["charset"], model_decoder(hp["arch"]), hp["min_length"] != hp["max_length"])
+    old_index = {name: i for i, name in enumerate(old_classes)}
+    new_classes = module.output_classes
+    class_dims = module.net.output_class_dims()
+    source = {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
+    target = module.net.state_dict()
+    mismatched = [f"{k} is missing" for k in target if k not in source]
+    mismatched += [f"{k} is not in this model" for k in source if k not in target]
+    loaded = {}
+    for key, fresh in target.items():
+        if key not in source:
+            continue
+        old = source[key]
+        dim = class_dims.get(key)
+        if dim is None:
+            if old.shape != fresh.shape:
+                mismatched.append(f"{key} has shape {tuple(old.shape)} there but {tuple(fresh.shape)} here")
+            loaded[key] = old
+            continue
+        if old.ndim != fresh.ndim or any(a != b for d, (a, b) in enumerate(zip(old.shape, fresh.shape)) if d != dim):
+            mismatched.append(f"{key} has shape {tuple(old.shape)} there but {tuple(fresh.shape)} here")
+            continue
+        mapped = fresh.clone()
+        for j, name in enumerate(new_classes):
+            if name in old_index:
+                mapped.select(dim, j).copy_(old.select(dim, old_index[name]))
+        loaded[key] = mapped
+    if mismatched:
+        differing = [f"model.{k}={hp['model_kwargs'].get(k)!r} there, {ours['model_kwargs'].get(k)!r} here"
+                     for k in sorted(set(hp["model_kwargs"]) | set(ours["model_kwargs"]))
+                     if hp["model_kwargs"].get(k) != ours["model_kwargs"].get(k)]
+        for key in ("input_size", "max_length"):
+            if hp[key] != ours[key]:
+                differing.append(f"data.{key}={hp[key]} there, {ours[key]} here")
+        raise ValueError(
+            f"init_from={str(path)!r}: the checkpoint's {hp['arch']!r} network does not match this run's: "
+            + "; ".join(mismatched[:3]) + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "")
+            + (". Settings that differ: " + "; ".join(differing) if differing else "")
+            + ". Use the checkpoint's model and input settings to fine-tune it"
+        )
+    module.net.load_state_dict(loaded)
+    shared = [c for c in new_classes if c in old_index]
+    new = [c for c in new_classes if c not in old_index]
+    summary = {"init_from": str(path), "classes_from_checkpoint": len(shared), "new_classes": "".join(new)}
+    log.info("initialized from %s: %d of %d output classes from the checkpoint%s", path, len(shared),
+             len(new_classes), f", new characters {''.join(new)!r} start fresh" if new else "")
+    return summary
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:

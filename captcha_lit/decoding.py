@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -58,3 +59,100 @@ def decode_ctc_greedy(logits: torch.Tensor, blank: int) -> Decoded:
         # With no characters, the confidence in "nothing here" is the best path's probability.
         seq_conf.append(float(torch.tensor(out_conf or row_conf, dtype=torch.float64).prod()))
     return Decoded(indices, char_conf, seq_conf)
+
+
+def decode_ctc_beam(logits: torch.Tensor, blank: int, beam_width: int = 8) -> Decoded:
+    """(B, T, C+1) -> CTC prefix beam search: the text with the highest total probability,
+    summed over every alignment that collapses to it (greedy decoding scores one path only).
+
+    Confidences are defined as in ``decode_ctc_greedy``, read off the best alignment of the
+    chosen text, so that both decoders report the same numbers whenever they agree.
+    """
+    if beam_width < 1:
+        raise ValueError(f"beam_width={beam_width} must be at least 1")
+    log_probs = logits.detach().float().log_softmax(-1).cpu().numpy().astype(np.float64)
+    indices, char_conf, seq_conf = [], [], []
+    for row in log_probs:
+        text = _prefix_beam_search(row, blank, beam_width)
+        confs, path_conf = _aligned_confidences(row, text, blank)
+        indices.append(list(text))
+        char_conf.append(confs)
+        seq_conf.append(float(np.prod(confs or path_conf, dtype=np.float64)))
+    return Decoded(indices, char_conf, seq_conf)
+
+
+MIN_LOG_PROB = -12.0  # about 6e-6
+
+
+def _prefix_beam_search(log_probs: np.ndarray, blank: int, beam_width: int) -> tuple[int, ...]:
+    """Beam search over collapsed prefixes of one (T, C+1) row of log-probabilities.
+
+    Each prefix keeps two scores: ending in a blank, and ending in its last character;
+    a repeated character extends the prefix only after a blank.
+    """
+    neg_inf = -np.inf
+    beams: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg_inf)}  # prefix -> (blank, non-blank)
+    num_classes = log_probs.shape[1]
+    top_k = min(beam_width, num_classes)
+    for step in log_probs:
+        # Only the step's most likely characters can enter the beam (plus each prefix's own last one);
+        # one below MIN_LOG_PROB cannot change the ranking and would only cost time.
+        candidates = [int(c) for c in np.argpartition(-step, top_k - 1)[:top_k]
+                      if c != blank and step[c] > MIN_LOG_PROB]
+        extended: dict[tuple[int, ...], list[float]] = {}
+
+        def add(prefix: tuple[int, ...], slot: int, score: float) -> None:
+            entry = extended.setdefault(prefix, [neg_inf, neg_inf])
+            entry[slot] = np.logaddexp(entry[slot], score)
+
+        for prefix, (p_blank, p_char) in beams.items():
+            total = np.logaddexp(p_blank, p_char)
+            add(prefix, 0, total + step[blank])
+            last = prefix[-1] if prefix else None
+            for c in candidates if last is None or last in candidates else [*candidates, last]:
+                p = step[c]
+                if c == last:
+                    add(prefix, 1, p_char + p)  # the same character continues
+                    add(prefix + (c,), 1, p_blank + p)  # a new one, after a blank
+                else:
+                    add(prefix + (c,), 1, total + p)
+        ranked = sorted(extended.items(), key=lambda kv: (-np.logaddexp(*kv[1]), kv[0]))
+        beams = {prefix: (scores[0], scores[1]) for prefix, scores in ranked[:beam_width]}
+    return next(iter(beams))  # ranked best first
+
+
+def _aligned_confidences(log_probs: np.ndarray, text: tuple[int, ...], blank: int) -> tuple[list[float], list[float]]:
+    """Viterbi-align ``text`` to one (T, C+1) row -> (each character's highest probability over
+    the steps aligned to it, the probability of every step of the best alignment)."""
+    states = [blank]
+    for c in text:
+        states += [c, blank]
+    num_steps, num_states = log_probs.shape[0], len(states)
+    emit = log_probs[:, states]  # (T, S)
+    score = np.full(num_states, -np.inf)
+    score[0] = emit[0, 0]
+    if num_states > 1:
+        score[1] = emit[0, 1]
+    back = np.zeros((num_steps, num_states), dtype=np.int64)
+    # A state may be entered from itself, the state before it, or skip a blank between two different characters.
+    can_skip = np.array([s >= 2 and states[s] != blank and states[s] != states[s - 2] for s in range(num_states)])
+    for t in range(1, num_steps):
+        step = np.full(num_states, -np.inf)
+        step[1:] = score[:-1]
+        skip = np.full(num_states, -np.inf)
+        skip[2:] = score[:-2]
+        options = np.stack([score, step, np.where(can_skip, skip, -np.inf)])
+        choice = options.argmax(0)
+        back[t] = np.arange(num_states) - choice
+        score = options.max(0) + emit[t]
+    end = num_states - 1 if num_states == 1 or score[-1] >= score[-2] else num_states - 2
+    path = [end]
+    for t in range(num_steps - 1, 0, -1):
+        path.append(int(back[t, path[-1]]))
+    path.reverse()
+    probs = np.exp(emit[np.arange(num_steps), path])
+    confs = [0.0] * len(text)
+    for state, p in zip(path, probs):
+        if state % 2 == 1:
+            confs[state // 2] = max(confs[state // 2], float(p))
+    return confs, probs.tolist()

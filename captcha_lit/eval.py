@@ -51,13 +51,22 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     start = time.time()
     out_dir = output_dir(cfg)
     module, state = load_module(cfg.ckpt_path)
+    if cfg.get("beam_width") is not None:
+        width = int(cfg.beam_width)
+        if width < 1:
+            raise ValueError(f"beam_width={width} must be at least 1 (1: greedy decoding)")
+        if width > 1 and module.decoder != "ctc":
+            raise ValueError(f"beam_width={width} applies to CTC models; this checkpoint is a "
+                             f"{module.hparams.arch!r} model, which reads one character per position")
+        module.beam_width = width
     data = resolve_data_config(cfg, state, overrides or [])
     datamodule = build_datamodule(data)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                                      enable_autolog_hparams=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "num_test": data.get("num_test"),
+    metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "num_test": len(datamodule.datasets["test"]),
+                    "beam_width": module.beam_width if module.decoder == "ctc" else None,
                     "wall_time_s": round(time.time() - start, 2)})
     write_json(Path(out_dir) / "metrics.json", metrics)
     print("\n".join(["", "test metrics:"] + [f"  {k:<16} {v}" for k, v in metrics.items()]))

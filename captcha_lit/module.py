@@ -4,29 +4,62 @@ losses, decodes, and tracks per-character and whole-sequence metrics."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.text import CharErrorRate
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
-from captcha_lit.decoding import Decoded, decode_ctc_greedy, decode_positional
+from captcha_lit.decoding import Decoded, decode_ctc_beam, decode_ctc_greedy, decode_positional
 from captcha_lit.models import get_model, model_decoder
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULERS = ("none", "onecycle", "cosine")
 
 
-def _stage_metrics(with_cer: bool) -> nn.ModuleDict:
+class _PositionAccuracy(Metric):
+    """Per-position accuracy over the samples whose predicted length equals the target's.
+
+    Without a length match there is no position to compare, and it reads 0; ``len_acc``
+    (the fraction of samples with the right length) says how many samples it covers.
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, matches: torch.Tensor) -> None:
+        self.correct += matches.sum()
+        self.total += matches.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total if self.total > 0 else torch.zeros_like(self.correct)
+
+
+def _stage_metrics(evaluation: bool) -> nn.ModuleDict:
     metrics = {"loss": MeanMetric(), "seq_acc": MeanMetric(), "char_acc": MeanMetric()}
-    if with_cer:
+    if evaluation:
         metrics["cer"] = CharErrorRate()
+        metrics["len_acc"] = MeanMetric()
+        metrics["pos_acc"] = _PositionAccuracy()
     return nn.ModuleDict(metrics)
+
+
+def output_classes(charset: str, decoder: str, variable_length: bool) -> list[str]:
+    """What each output class of a network stands for: the characters, then CTC's blank or
+    the positional end symbol where the model has one."""
+    chars = list(Charset(charset).chars)
+    if decoder == "ctc":
+        return chars + ["<blank>"]
+    return chars + (["<end>"] if variable_length else [])
 
 
 class CaptchaModule(L.LightningModule):
@@ -50,6 +83,7 @@ class CaptchaModule(L.LightningModule):
         scheduler: dict | None = None,
         augmentation: dict | None = None,
         channels_last: bool = True,
+        beam_width: int = 1,
     ):
         super().__init__()
         optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
@@ -61,6 +95,7 @@ class CaptchaModule(L.LightningModule):
                 "input_size": [int(v) for v in input_size], "mean": [float(v) for v in mean],
                 "std": [float(v) for v in std], "optimizer": optimizer, "scheduler": scheduler,
                 "augmentation": dict(augmentation or {}), "channels_last": bool(channels_last),
+                "beam_width": int(beam_width),
             }
         )
         _check_optim(optimizer, scheduler)
@@ -72,6 +107,14 @@ class CaptchaModule(L.LightningModule):
         self.variable_length = min_length != max_length
         num_classes = len(self.charset)
         self.decoder = model_decoder(arch)
+        if not isinstance(beam_width, int) or beam_width < 1:
+            raise ValueError(f"beam_width={beam_width!r} must be a whole number >= 1 (1: greedy decoding)")
+        if beam_width > 1 and self.decoder != "ctc":
+            raise ValueError(
+                f"beam_width={beam_width} applies to CTC models such as 'crnn'; model {arch!r} reads one "
+                "character per position, so leave beam_width at 1"
+            )
+        self.beam_width = int(beam_width)
         # Positional models with variable length predict an end symbol after the text;
         # CTC handles variable length natively.
         self.end_class = num_classes if (self.decoder == "positional" and self.variable_length) else None
@@ -85,9 +128,9 @@ class CaptchaModule(L.LightningModule):
         if backend not in AUGMENTATION_BACKENDS:
             raise ValueError(f"augmentation.backend={backend!r}: use one of {', '.join(AUGMENTATION_BACKENDS)}")
         self.batch_augment = BatchAugment(**augmentation) if backend == "batch" and augmentation else None
-        self.train_metrics = _stage_metrics(with_cer=False)
-        self.val_metrics = _stage_metrics(with_cer=True)
-        self.test_metrics = _stage_metrics(with_cer=True)
+        self.train_metrics = _stage_metrics(evaluation=False)
+        self.val_metrics = _stage_metrics(evaluation=True)
+        self.test_metrics = _stage_metrics(evaluation=True)
         self.val_seq_acc_best = MaxMetric()
 
     # ---- inference -------------------------------------------------------------------
@@ -113,8 +156,17 @@ class CaptchaModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net.forward_features(images)
 
-    def decode(self, logits: torch.Tensor) -> Decoded:
+    @property
+    def output_classes(self) -> list[str]:
+        return output_classes(self.charset.chars, self.decoder, self.variable_length)
+
+    def decode(self, logits: torch.Tensor, beam_width: int | None = None) -> Decoded:
+        """Logits -> indices and confidences; CTC models use prefix beam search when the
+        beam width (``beam_width`` or the module's own) is above 1, else greedy decoding."""
         if self.decoder == "ctc":
+            width = self.beam_width if beam_width is None else int(beam_width)
+            if width > 1:
+                return decode_ctc_beam(logits, blank=self.charset.blank, beam_width=width)
             return decode_ctc_greedy(logits, blank=self.charset.blank)
         return decode_positional(logits, end_class=self.end_class)
 
@@ -140,11 +192,15 @@ class CaptchaModule(L.LightningModule):
         loss = self.compute_loss(logits, targets, lengths)
         metrics = getattr(self, f"{stage}_metrics")
         with torch.no_grad():
-            decoded = self.decode(logits.detach())
-            seq_correct, char_correct = _match(decoded.indices, targets)
+            # Training metrics only follow progress: greedy decoding is enough and much cheaper.
+            decoded = self.decode(logits.detach(), beam_width=1 if stage == "train" else None)
+            match = _match(decoded.indices, targets)
         metrics["loss"].update(loss.detach(), weight=images.shape[0])
-        metrics["seq_acc"].update(seq_correct)
-        metrics["char_acc"].update(char_correct)
+        metrics["seq_acc"].update(match.seq)
+        metrics["char_acc"].update(match.chars)
+        if "pos_acc" in metrics:
+            metrics["len_acc"].update(match.same_length)
+            metrics["pos_acc"].update(match.positions)
         if "cer" in metrics:
             preds = [self.charset.decode(row) for row in decoded.indices]
             truths = [self.charset.decode(row) for row in targets.tolist()]
@@ -192,7 +248,7 @@ class CaptchaModule(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         if kind == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=sched_cfg.get("max_lr") or opt_cfg["lr"], total_steps=max(total_steps, 1),
+                optimizer, max_lr=opt_cfg["lr"] * sched_cfg.get("peak_factor", 1.0), total_steps=max(total_steps, 1),
                 pct_start=sched_cfg.get("pct_start", 0.15), div_factor=sched_cfg.get("div_factor", 25.0),
                 final_div_factor=sched_cfg.get("final_div_factor", 1e3),
                 cycle_momentum=name == "sgd",
@@ -220,11 +276,21 @@ def _check_optim(optimizer: dict, scheduler: dict) -> None:
         raise ValueError(f"optimizer {name!r} rejects its config {optimizer}: {exc}") from None
 
 
-def _match(pred_rows: list[list[int]], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample exact match, and per-target-character positional match."""
-    seq, chars = [], []
+class _Match(NamedTuple):
+    seq: torch.Tensor  # per sample: the whole text is right
+    chars: torch.Tensor  # per target character: the prediction has it at the same position
+    same_length: torch.Tensor  # per sample: the prediction has the target's length
+    positions: torch.Tensor  # per character of the samples with the right length: it is right
+
+
+def _match(pred_rows: list[list[int]], targets: torch.Tensor) -> _Match:
+    seq, chars, same_length, positions = [], [], [], []
     for pred, target in zip(pred_rows, targets.tolist()):
         target = [t for t in target if t >= 0]
         seq.append(float(pred == target))
-        chars.extend(float(i < len(pred) and pred[i] == t) for i, t in enumerate(target))
-    return torch.tensor(seq), torch.tensor(chars)
+        hits = [float(i < len(pred) and pred[i] == t) for i, t in enumerate(target)]
+        chars.extend(hits)
+        same_length.append(float(len(pred) == len(target)))
+        if len(pred) == len(target):
+            positions.extend(hits)
+    return _Match(torch.tensor(seq), torch.tensor(chars), torch.tensor(same_length), torch.tensor(positions))

@@ -3,6 +3,8 @@
     python -m captcha_lit.train                                  # the default recipe
     python -m captcha_lit.train model=cnn trainer.max_epochs=50
     python -m captcha_lit.train -m optimizer=adam,adamw,sgd model=cnn,resnet
+    python -m captcha_lit.train experiment=captcha_images_v2     # real images, labeled by file name
+    python -m captcha_lit.train data=folder data.path=DIR init_from=PATH.ckpt   # fine-tune on a folder
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, to_plain
+from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, init_from_checkpoint, to_plain
 from captcha_lit.callbacks import RunTimeline
 from captcha_lit.utils import entry_point, flatten, output_dir, write_json
 
@@ -31,11 +33,32 @@ def train(cfg: DictConfig) -> dict:
     out_dir = output_dir(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are both set: ckpt_path resumes a run "
+            "(weights, optimizer, epoch), init_from starts a new one from weights only; pass one of them"
+        )
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path)
+    else:
+        ckpt_dir = Path(out_dir) / "checkpoints"
+        existing = sorted(ckpt_dir.glob("*.ckpt"))
+        if existing:
+            # Lightning would silently resume from them; make the choice explicit instead.
+            resume = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else existing[-1]
+            raise ValueError(
+                f"run directory {out_dir} already has checkpoints ({', '.join(p.name for p in existing)}); "
+                f"pass ckpt_path={resume} to resume, or train into a new directory"
+            )
 
     datamodule = build_datamodule(cfg.data, cfg.get("augmentation"))
-    model = build_module(cfg)
+    # The datamodule goes first: a folder dataset settles the charset that the model is built for.
+    model = build_module(cfg, datamodule)
+    if getattr(datamodule, "bad_files", None):
+        write_json(Path(out_dir) / "bad_files.json", datamodule.bad_files)
+        log.warning("left out %d bad file(s); see %s", len(datamodule.bad_files), Path(out_dir) / "bad_files.json")
+    if cfg.get("init_from"):
+        init_from_checkpoint(model, cfg.init_from)
 
     timeline = RunTimeline(start_time=min(_PROCESS_START, start))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
@@ -48,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
         lg.log_hyperparams(hparams, metrics=hp_metrics) if _takes_metrics(lg) else lg.log_hyperparams(hparams)
 
     log.info("training %s on %s", cfg.model.name, trainer.accelerator.__class__.__name__)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if trainer.interrupted:
         ckpt = Path(out_dir) / "checkpoints"
         raise KeyboardInterrupt(

@@ -83,12 +83,13 @@ def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
     def make(config_name: str = "train", overrides: list[str] | None = None, name: str | None = None) -> DictConfig:
         counter["n"] += 1
         out = tmp_path / (name or f"{config_name}{counter['n']}")
-        base = [f"data.cache_dir={cache_dir}"]
         if config_name == "train":
-            base += TINY_DATA + QUIET_TRAINER
-        else:
-            base += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
-                     "trainer.enable_model_summary=false"]
+            base = [f"data.cache_dir={cache_dir}", *TINY_DATA, *QUIET_TRAINER]
+        elif config_name == "eval":
+            base = [f"data.cache_dir={cache_dir}", "trainer.accelerator=cpu", "trainer.devices=1",
+                    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+        else:  # predict, export, serve: the model brings its own data config and runs no Trainer
+            base = []
         return _compose(config_name, base + list(overrides or []), out)
 
     return make
@@ -117,3 +118,41 @@ def cli_env(cache_dir: Path) -> dict:
 
 
 PYTHON = sys.executable
+
+
+# ---- deployment: tiny trained checkpoints of both decoder kinds, and their ONNX exports ----
+SMALL_MODELS = {
+    # 4 to 5 characters, so the positional decoder predicts an end symbol.
+    "cnn": ["model=cnn", "model.channels=[8,16,16,32]", "model.hidden=64", "data.min_length=4"],
+    "crnn": ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """A real one-epoch training run per decoder kind (positional cnn, CTC crnn): arch -> best checkpoint."""
+    from captcha_lit.train import train
+
+    checkpoints = {}
+    for arch, overrides in SMALL_MODELS.items():
+        out = tmp_path_factory.mktemp(f"tiny_{arch}")
+        cfg = _compose("train", [f"data.cache_dir={cache_dir}", *TINY_DATA, *QUIET_TRAINER, *overrides,
+                                 "trainer.max_epochs=1", "logger=csv", "test=false"], out)
+        checkpoints[arch] = Path(train(cfg)["best_ckpt"])
+    GlobalHydra.instance().clear()
+    return checkpoints
+
+
+@pytest.fixture(scope="session")
+def exported_models(tiny_checkpoints, tmp_path_factory) -> dict[str, dict]:
+    """``python -m captcha_lit.export`` on each tiny checkpoint: arch -> {run_dir, onnx, report}."""
+    from captcha_lit.export import export
+
+    exported = {}
+    for arch, ckpt in tiny_checkpoints.items():
+        out = tmp_path_factory.mktemp(f"export_{arch}")
+        cfg = _compose("export", [f"ckpt_path={ckpt}", "parity.num_images=24"], out)
+        report = export(cfg)
+        exported[arch] = {"run_dir": out, "onnx": out / "model.onnx", "report": report}
+    GlobalHydra.instance().clear()
+    return exported

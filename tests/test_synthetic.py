@@ -25,7 +25,7 @@ def test_same_seed_is_byte_identical_across_calls():
 
 
 def test_same_seed_is_byte_identical_across_worker_counts():
-    # chunk_size=3 splits 8 images into 3 chunks, so workers=2 really uses a spawned pool.
+    # chunk_size=3 splits 8 images into 3 chunks, so workers=2 really uses a process pool.
     texts_1, images_1 = generate(SPEC, seed=3, split="val", count=8, workers=1, chunk_size=3)
     texts_2, images_2 = generate(SPEC, seed=3, split="val", count=8, workers=2, chunk_size=3)
     assert texts_1 == texts_2

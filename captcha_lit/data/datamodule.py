@@ -118,6 +118,10 @@ class CaptchaDataModule(L.LightningDataModule):
 
         return cache.get_or_build(self.cache_dir, f"synthetic-{split}", fields, count, build, (height, width, 3))
 
+    def label_spec(self) -> dict:
+        """The charset and length range the model must be built for."""
+        return {"charset": self.charset.chars, "min_length": self.spec.min_length, "max_length": self.max_length}
+
     def prepare_data(self) -> None:
         for split in self.splits:
             self._split(split)

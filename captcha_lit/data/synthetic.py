@@ -7,7 +7,7 @@ from ``(seed, split, index)``. Image ``i`` therefore depends only on its own see
 not on which worker drew it or in what order, and the same seed gives
 byte-identical images on every run and any number of workers.
 
-This module does not import torch, so spawned workers start fast.
+This module does not import torch.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def resolve_fonts(fonts: Sequence[str] | str | None) -> list[str] | None:
             except ImportError:
                 raise ValueError("data.fonts 'dejavu' needs matplotlib, which ships the DejaVu fonts") from None
             folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-            files.extend(sorted(str(p) for p in folder.glob("DejaVuSans*.ttf")))
+            # DejaVuSansDisplay holds only a few symbols, no letters or digits.
+            files.extend(sorted(str(p) for p in folder.glob("DejaVuSans*.ttf") if "Display" not in p.name))
         elif os.path.isdir(spec):
             found = sorted(str(p) for p in Path(spec).iterdir() if p.suffix.lower() in (".ttf", ".otf"))
             if not found:
@@ -93,6 +94,24 @@ def resolve_fonts(fonts: Sequence[str] | str | None) -> list[str] | None:
                 raise ValueError(f"data.fonts: {spec!r} is not a font file, folder or glob that matches anything")
             files.extend(found)
     return files
+
+
+def missing_glyphs(font: str, chars: str) -> str:
+    """The characters of ``chars`` that ``font`` draws as nothing or as its missing-glyph box."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        face = ImageFont.truetype(font, 32)
+    except OSError as exc:
+        raise ValueError(f"data.fonts: cannot load font {font!r} ({exc})") from None
+
+    def draw(text: str) -> bytes:
+        canvas = Image.new("L", (64, 64))
+        ImageDraw.Draw(canvas).text((8, 8), text, font=face, fill=255)
+        return canvas.tobytes()
+
+    blank, notdef = bytes(64 * 64), draw("\uffff")  # U+FFFF is never a character
+    return "".join(c for c in chars if draw(c) in (blank, notdef))
 
 
 @dataclass(frozen=True)
@@ -118,7 +137,14 @@ class GeneratorSpec:
             )
         if self.width < 8 or self.height < 8:
             raise ValueError(f"data.width x data.height = {self.width}x{self.height} is too small; use at least 8x8")
-        Charset(self.charset)  # validates
+        chars = Charset(self.charset).chars  # validates
+        for font in self.fonts or ():
+            missing = missing_glyphs(font, chars)
+            if missing:
+                raise ValueError(
+                    f"data.fonts: font {font!r} cannot draw {missing!r} of charset {chars!r}; "
+                    "leave it out or choose a charset it covers"
+                )
 
     def key_fields(self) -> dict:
         return {
@@ -184,6 +210,15 @@ def _generate_chunk(args: tuple[int | str, str, int, int]) -> tuple[int, list[st
     return start, texts, np.stack(images)
 
 
+def _pool_context():
+    """fork where available: workers start in milliseconds. They only run Pillow code, so
+    the parent's torch/OpenMP state, which makes fork unsafe for torch work, does not matter.
+    spawn would re-import the entry point (torch, Lightning) in every worker, ~9 s each."""
+    import multiprocessing
+
+    return get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -222,8 +257,7 @@ def generate(
         results: Iterator = map(_generate_chunk, chunks)
         pool = None
     else:
-        # spawn, not fork: the parent may hold torch/OpenMP state that is unsafe to fork.
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(spec,))
+        pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(spec,))
         results = pool.map(_generate_chunk, chunks)
     try:
         for start, chunk_texts, chunk_images in results:

@@ -36,6 +36,9 @@ class CaptchaCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.classify(self.forward_features(x))
 
+    def output_class_dims(self) -> dict[str, int]:
+        return {f"head.{name}": dim for name, dim in self.head.output_class_dims().items()}
+
 
 @register_model("cnn", decoder="positional")
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (32, 64, 128, 256),

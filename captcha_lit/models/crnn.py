@@ -50,6 +50,9 @@ class CRNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.forward_features(x)))
 
+    def output_class_dims(self) -> dict[str, int]:
+        return {"classifier.weight": 0, "classifier.bias": 0}
+
 
 @register_model("crnn", decoder="ctc")
 def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",

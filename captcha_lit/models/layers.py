@@ -61,6 +61,9 @@ class PositionAttentionHead(nn.Module):
     def classify(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bld,ldc->blc", feats, self.weight) + self.bias
 
+    def output_class_dims(self) -> dict[str, int]:
+        return {"weight": 2, "bias": 1}
+
 
 class FlattenHeads(nn.Module):
     """The classic design: flatten, fully connected layers, one linear head per position."""
@@ -79,6 +82,9 @@ class FlattenHeads(nn.Module):
 
     def classify(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(feats[:, i]) for i, head in enumerate(self.heads)], dim=1)
+
+    def output_class_dims(self) -> dict[str, int]:
+        return {f"heads.{i}.{name}": 0 for i in range(len(self.heads)) for name in ("weight", "bias")}
 
 
 class VGGBackbone(nn.Module):

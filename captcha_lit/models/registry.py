@@ -4,7 +4,9 @@ A builder takes ``num_classes`` (charset size, without any blank), ``max_length`
 ``input_size`` = (height, width) and its own keyword options, and returns an
 ``nn.Module`` with a ``decoder`` attribute: ``"positional"`` (logits of shape
 (B, max_length, num_classes), one softmax per position) or ``"ctc"`` (logits of
-shape (B, T, num_classes + 1), blank last).
+shape (B, T, num_classes + 1), blank last), and an ``output_class_dims()`` method
+naming the parameters indexed by output class and the dimension of that index, so
+fine-tuning can map them from one charset to another.
 """
 
 from __future__ import annotations

@@ -90,6 +90,9 @@ class CaptchaResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.classify(self.forward_features(x))
 
+    def output_class_dims(self) -> dict[str, int]:
+        return {f"head.{name}": dim for name, dim in self.head.output_class_dims().items()}
+
 
 @register_model("resnet", decoder="positional")
 def resnet(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (32, 64, 128, 192),

@@ -1,0 +1,373 @@
+"""Labeled image folders: the LightningDataModule for real CAPTCHAs.
+
+A label comes from the file name (``LABEL.png``, ``LABEL_anything.jpg``: the text
+before the first underscore) or from a CSV with the columns ``filename,label``.
+Every file that cannot be used (unreadable or corrupt image, no label, a character
+outside the charset, a length outside the limits) is a clear error, or with
+``skip_bad=True`` is left out and listed in ``bad_files``.
+
+Images go through ``captcha_lit.preprocess.load_input``, the same decoding and
+resizing as inference, and are cached as one uint8 array keyed by the file list
+(paths, sizes, modification times) and the input size, so a second run starts
+without decoding anything.
+
+The split into train, val and test depends only on the relative paths and
+``split_seed``: files are ranked by a hash of (seed, path), so neither the file
+system's listing order nor the order the files were created changes it, and adding
+a file moves at most a few others across a split boundary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from captcha_lit.charset import Charset
+from captcha_lit.data import cache
+from captcha_lit.data.datamodule import CaptchaArrayDataset
+from captcha_lit.data.transforms import TrainPreset
+from captcha_lit.preprocess import ImageDecodeError, load_input
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+# Bumped when load_input's output for the same file would change, to invalidate cached arrays.
+PREPROCESS_VERSION = 1
+
+
+def datasets_dir() -> Path:
+    """Where the named datasets live: $CAPTCHA_LIT_DATASETS, else ``../shared/datasets`` beside the project."""
+    env = os.environ.get("CAPTCHA_LIT_DATASETS")
+    if env:
+        return Path(os.path.expanduser(env))
+    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets").resolve()
+
+
+def label_from_name(relpath: str) -> str:
+    """``dir/AB12_3.png`` -> ``AB12``: the file name without extension, up to the first underscore."""
+    return Path(relpath).stem.split("_", 1)[0]
+
+
+def scan_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
+    wanted = {e.lower() for e in extensions}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def read_labels_csv(csv_path: Path) -> list[tuple[str, str]]:
+    """Rows of (filename, label) from a CSV with a ``filename,label`` header."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if "filename" not in columns or "label" not in columns:
+                raise ValueError(
+                    f"labels CSV {str(csv_path)!r} needs a header with the columns filename,label; "
+                    f"it has {','.join(columns) or 'no header'}"
+                )
+            reader.fieldnames = columns
+            return [((row.get("filename") or "").strip(), (row.get("label") or "").strip()) for row in reader]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.labels_csv {str(csv_path)!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"labels CSV {str(csv_path)!r} is not UTF-8 text ({exc.reason})") from None
+
+
+def split_ranks(relpaths: Sequence[str], seed: int) -> list[int]:
+    """Indices of ``relpaths`` ordered by a seeded hash of each path alone."""
+    keys = [hashlib.sha256(f"{seed}:{p}".encode()).digest() for p in relpaths]
+    return sorted(range(len(relpaths)), key=lambda i: (keys[i], relpaths[i]))
+
+
+class _Rows:
+    """A lazy view of chosen rows of a (memory-mapped) image array."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray):
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.images[self.rows[index]]
+
+
+class FolderDataModule(L.LightningDataModule):
+    """Train, val and test splits of one folder of labeled CAPTCHA images.
+
+    ``charset``, ``min_length`` and ``max_length`` may be None: they are then read
+    from the labels (sorted unique characters; shortest and longest label) when the
+    data is first resolved, and recorded in the hyperparameters, so the model and
+    its checkpoint get them and a later run reads the same ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        labels_csv: str | None = None,
+        charset: str | None = None,
+        case_insensitive: bool = False,
+        min_length: int | None = None,
+        max_length: int | None = None,
+        input_size: Sequence[int] = (32, 128),
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        skip_bad: bool = False,
+        cache_dir: str = "~/.cache/captcha_lit",
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        augmentation: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        # Recorded so that a checkpoint's data config rebuilds this kind of datamodule.
+        self.hparams["source"] = "folder"
+        if path in (None, "", "???"):
+            raise ValueError("data.path is not set: pass data.path=DIR, a folder of labeled images")
+        self.root = Path(os.path.expanduser(str(path))).resolve()
+        self.hparams["path"] = str(self.root)  # a checkpoint's data config then works from any directory
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"data.path {str(self.root)!r} is not a folder"
+                + ("; set CAPTCHA_LIT_DATASETS to the folder that holds the datasets" if "datasets" in str(path) else "")
+            )
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"data.{name}={value} must be in [0, 1)")
+        if float(val_fraction) + float(test_fraction) >= 1.0:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {float(val_fraction) + float(test_fraction):g} "
+                "leaves no training images; keep their sum below 1"
+            )
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if len(input_size) != 2 or min(input_size) < 8:
+            raise ValueError(f"data.input_size={list(input_size)} must be [height, width], each at least 8")
+        for name, value in (("min_length", min_length), ("max_length", max_length)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"data.{name}={value}: CAPTCHA length must be at least 1")
+        if min_length is not None and max_length is not None and int(max_length) < int(min_length):
+            raise ValueError(f"data.max_length={max_length} is less than data.min_length={min_length}")
+        self.case_insensitive = bool(case_insensitive)
+        given = Charset(charset).chars if charset else None
+        if given is not None and self.case_insensitive:
+            given = Charset(given.upper()).chars  # a duplicate after folding, e.g. 'aA', fails here
+        self._given_charset = given
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.cache_dir = cache_dir
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        augmentation = dict(augmentation or {})
+        backend = augmentation.pop("backend", "batch")
+        self.train_transform = TrainPreset(**augmentation) if backend == "torchvision" else None
+        self.datasets: dict[str, CaptchaArrayDataset] = {}
+        self.bad_files: list[dict] = []
+        self.files: dict[str, list[str]] = {}
+        self._resolved = False
+
+    # ---- resolving the folder: labels, images, charset, split ------------------------------
+    def _labeled_files(self) -> tuple[list[tuple[str, str]], list[dict]]:
+        """(relpath, label) for every candidate file, and the files already known to be bad."""
+        hp = self.hparams
+        bad: list[dict] = []
+        if hp.labels_csv:
+            csv_path = Path(os.path.expanduser(str(hp.labels_csv)))
+            csv_path = csv_path if csv_path.is_absolute() else self.root / csv_path
+            rows = read_labels_csv(csv_path)
+            seen: set[str] = set()
+            entries = []
+            for filename, label in rows:
+                relpath = Path(filename).as_posix()
+                if relpath in seen:
+                    bad.append({"file": relpath, "reason": f"listed more than once in {csv_path.name}"})
+                    continue
+                seen.add(relpath)
+                if not (self.root / relpath).is_file():
+                    bad.append({"file": relpath, "reason": f"listed in {csv_path.name} but not found under {self.root}"})
+                    continue
+                entries.append((relpath, label))
+            unlisted = len(set(scan_images(self.root, hp.extensions)) - seen)
+            if unlisted:
+                log.info("%d image files under %s are not in %s and are not used", unlisted, self.root, csv_path.name)
+        else:
+            entries = [(p, label_from_name(p)) for p in scan_images(self.root, hp.extensions)]
+        if not entries and not bad:
+            raise ValueError(
+                f"data.path {str(self.root)!r} has no images ({', '.join(hp.extensions)})"
+                + (f" listed in {hp.labels_csv}" if hp.labels_csv else "")
+            )
+        return sorted(entries), bad
+
+    def _label_problem(self, label: str) -> str | None:
+        if not label:
+            return "no label: name the file LABEL.png or LABEL_anything.png, or list it in data.labels_csv"
+        if any(c.isspace() for c in label):
+            return f"label {label!r} contains whitespace"
+        if self._given_charset is not None:
+            try:
+                Charset(self._given_charset).validate(label)
+            except ValueError as exc:
+                return str(exc)
+        hp = self.hparams
+        if hp.min_length is not None and len(label) < int(hp.min_length):
+            return f"label {label!r} has {len(label)} characters, fewer than data.min_length={hp.min_length}"
+        if hp.max_length is not None and len(label) > int(hp.max_length):
+            return f"label {label!r} has {len(label)} characters, more than data.max_length={hp.max_length}"
+        return None
+
+    def _decode(self, relpaths: list[str]) -> tuple[list[str], np.ndarray]:
+        """Decode and resize every file (cached) -> (each file's error or "", images)."""
+        files = []
+        for relpath in relpaths:
+            stat = (self.root / relpath).stat()
+            files.append([relpath, stat.st_size, stat.st_mtime_ns])
+        fields = {"root": str(self.root), "files": files, "input_size": list(self.input_size),
+                  "preprocess": PREPROCESS_VERSION}
+        height, width = self.input_size
+
+        def build(out: np.ndarray) -> list[str]:
+            log.info("decoding %d images from %s into the cache", len(relpaths), self.root)
+            errors = []
+            for i, relpath in enumerate(relpaths):
+                try:
+                    out[i] = load_input(self.root / relpath, self.input_size, name=relpath)
+                    errors.append("")
+                except ImageDecodeError as exc:
+                    out[i] = 0
+                    errors.append(str(exc))
+            return errors
+
+        # The cache's label list holds each file's decode error: labels come from names, not pixels.
+        return cache.get_or_build(self.cache_dir, "folder", fields, len(relpaths), build, (height, width, 3))
+
+    def resolve(self) -> None:
+        """Read labels, decode images (or load them from the cache), settle the charset and
+        lengths, and split. Idempotent; raises ValueError listing the bad files unless skip_bad."""
+        if self._resolved:
+            return
+        hp = self.hparams
+        entries, bad = self._labeled_files()
+        labeled = []
+        for relpath, label in entries:
+            label = label.upper() if self.case_insensitive else label
+            problem = self._label_problem(label)
+            if problem:
+                bad.append({"file": relpath, "reason": problem})
+            else:
+                labeled.append((relpath, label))
+        errors, images = self._decode([p for p, _ in labeled]) if labeled else ([], None)
+        good_rows = []
+        for row, ((relpath, _), error) in enumerate(zip(labeled, errors)):
+            if error:
+                bad.append({"file": relpath, "reason": error.removeprefix(f"{relpath}: ")})
+            else:
+                good_rows.append(row)
+        bad.sort(key=lambda b: b["file"])
+        self.bad_files = bad
+        if bad:
+            listing = "\n".join(f"  {b['file']}: {b['reason']}" for b in bad[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            if not hp.skip_bad:
+                raise ValueError(
+                    f"{len(bad)} bad file(s) in {self.root}:\n{listing}{more}\n"
+                    "fix or remove them, or set data.skip_bad=true to leave them out "
+                    "(the run directory's bad_files.json then lists them)"
+                )
+            log.warning("skipping %d bad file(s) in %s:\n%s%s", len(bad), self.root, listing, more)
+        if not good_rows:
+            raise ValueError(f"data.path {str(self.root)!r} has no usable images (all {len(bad)} are bad)")
+
+        labels = [labeled[r][1] for r in good_rows]
+        self.charset = Charset(self._given_charset or "".join(sorted(set("".join(labels)))))
+        self.min_length = int(hp.min_length) if hp.min_length is not None else min(map(len, labels))
+        self.max_length = int(hp.max_length) if hp.max_length is not None else max(map(len, labels))
+        # Record what was inferred, so the checkpoint's data config reproduces it.
+        self.hparams.update(charset=self.charset.chars, min_length=self.min_length, max_length=self.max_length)
+
+        relpaths = [labeled[r][0] for r in good_rows]
+        ranked = split_ranks(relpaths, int(hp.split_seed))
+        num_test = _split_count(len(ranked), hp.test_fraction)
+        num_val = _split_count(len(ranked), hp.val_fraction)
+        if len(ranked) - num_test - num_val < 1:
+            raise ValueError(
+                f"{len(ranked)} usable images are too few for data.val_fraction={hp.val_fraction} and "
+                f"data.test_fraction={hp.test_fraction}: no image is left to train on"
+            )
+        chosen = {"test": ranked[:num_test], "val": ranked[num_test:num_test + num_val],
+                  "train": ranked[num_test + num_val:]}
+        self._splits = {}
+        for split, members in chosen.items():
+            members = sorted(members)  # each split in path order
+            rows = np.asarray([good_rows[i] for i in members], dtype=np.int64)
+            self.files[split] = [relpaths[i] for i in members]
+            self._splits[split] = (_Rows(images, rows), [labels[i] for i in members])
+        log.info("%s: %d train, %d val, %d test images; charset %r, length %d..%d", self.root,
+                 len(chosen["train"]), len(chosen["val"]), len(chosen["test"]), self.charset.chars,
+                 self.min_length, self.max_length)
+        self._resolved = True
+
+    def label_spec(self) -> dict:
+        """The charset and length range the model must be built for."""
+        self.resolve()
+        return {"charset": self.charset.chars, "min_length": self.min_length, "max_length": self.max_length}
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.resolve()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.resolve()
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self.datasets:
+                images, texts = self._splits[split]
+                if not texts:
+                    raise ValueError(f"the {split} split is empty; raise data.{split}_fraction or add images")
+                transform = self.train_transform if split == "train" else None
+                self.datasets[split] = CaptchaArrayDataset(images, texts, self.charset, self.max_length, transform)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train and len(self.datasets[split]) > self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+def _split_count(total: int, fraction: float) -> int:
+    """round(total * fraction), but at least one image for any fraction above 0."""
+    fraction = float(fraction)
+    return max(1, round(total * fraction)) if fraction > 0 else 0
