@@ -15,9 +15,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, init_from_checkpoint, to_plain
 from captcha_lit.callbacks import RunTimeline

@@ -50,7 +50,31 @@ class CaptchaArrayDataset(Dataset):
                 "text": self.texts[index]}
 
 
-class CaptchaDataModule(L.LightningDataModule):
+class ArrayLoaders:
+    """DataLoaders over ``self.datasets[split]``, shared by the synthetic and folder datamodules."""
+
+    datasets: dict
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train and len(self.datasets[split]) > self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
     def __init__(
         self,
         *,
@@ -133,21 +157,3 @@ class CaptchaDataModule(L.LightningDataModule):
                 texts, images = self._split(split)
                 transform = self.train_transform if split == "train" else None
                 self.datasets[split] = CaptchaArrayDataset(images, texts, self.charset, self.max_length, transform)
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train and len(self.datasets[split]) > self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

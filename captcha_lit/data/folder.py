@@ -28,11 +28,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
 
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
-from captcha_lit.data.datamodule import CaptchaArrayDataset
+from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset
 from captcha_lit.data.transforms import TrainPreset
 from captcha_lit.preprocess import ImageDecodeError, load_input
 
@@ -107,7 +106,7 @@ class _Rows:
         return self.images[self.rows[index]]
 
 
-class FolderDataModule(L.LightningDataModule):
+class FolderDataModule(ArrayLoaders, L.LightningDataModule):
     """Train, val and test splits of one folder of labeled CAPTCHA images.
 
     ``charset``, ``min_length`` and ``max_length`` may be None: they are then read
@@ -347,24 +346,6 @@ class FolderDataModule(L.LightningDataModule):
                     raise ValueError(f"the {split} split is empty; raise data.{split}_fraction or add images")
                 transform = self.train_transform if split == "train" else None
                 self.datasets[split] = CaptchaArrayDataset(images, texts, self.charset, self.max_length, transform)
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train and len(self.datasets[split]) > self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
 
 
 def _split_count(total: int, fraction: float) -> int:

@@ -194,20 +194,37 @@ class CaptchaGenerator:
 _worker_generator: CaptchaGenerator | None = None
 
 
-def _init_worker(spec: GeneratorSpec) -> None:
-    global _worker_generator
+_worker_out: np.ndarray | None = None
+
+
+def _init_worker(spec: GeneratorSpec, shared_out: np.ndarray | None = None) -> None:
+    global _worker_generator, _worker_out
     _worker_generator = CaptchaGenerator(spec)
+    _worker_out = shared_out
 
 
-def _generate_chunk(args: tuple[int | str, str, int, int]) -> tuple[int, list[str], np.ndarray]:
+def _generate_chunk(args: tuple[int | str, str, int, int]) -> tuple[int, list[str], np.ndarray | None]:
+    """Draw images ``start..stop``; write them into the shared output when there is one,
+    else return them (pickling a chunk back costs the parent a copy)."""
     seed, split, start, stop = args
     assert _worker_generator is not None
     texts, images = [], []
     for index in range(start, stop):
         text, image = _worker_generator.sample(seed, split, index)
         texts.append(text)
-        images.append(image)
-    return start, texts, np.stack(images)
+        if _worker_out is not None:
+            _worker_out[index] = image
+        else:
+            images.append(image)
+    return start, texts, (None if _worker_out is not None else np.stack(images))
+
+
+def _shared_array(shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 array in anonymous shared memory, which forked workers write into directly."""
+    import mmap
+
+    size = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype=np.uint8, count=size).reshape(shape)
 
 
 def _pool_context():
@@ -217,6 +234,15 @@ def _pool_context():
     import multiprocessing
 
     return get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _is_shared(array: np.ndarray) -> bool:
+    import mmap
+
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return isinstance(base, mmap.mmap)
 
 
 def default_workers() -> int:
@@ -239,11 +265,16 @@ def generate(
     ``out`` may be a preallocated (e.g. memory-mapped) array to fill in place.
     """
     height, width = spec.input_size
-    if out is None:
-        out = np.empty((count, height, width, 3), dtype=np.uint8)
-    texts: list[str] = [""] * count
     workers = default_workers() if workers is None else max(1, int(workers))
     chunks = [(seed, split, s, min(s + chunk_size, count)) for s in range(0, count, chunk_size)]
+    parallel = workers > 1 and len(chunks) > 1
+    forked = parallel and _pool_context().get_start_method() == "fork"
+    if out is None:
+        shape = (count, height, width, 3)
+        out = _shared_array(shape) if forked else np.empty(shape, dtype=np.uint8)
+    # Forked workers share file-backed memmaps and our shared arrays, so they write in place.
+    shared_out = out if forked and (isinstance(out, np.memmap) or _is_shared(out)) else None
+    texts: list[str] = [""] * count
     bar = None
     if progress:
         try:
@@ -252,16 +283,18 @@ def generate(
             bar = tqdm(total=count, desc=f"generating {split}", unit="img", leave=False)
         except ImportError:
             pass
-    if workers == 1 or len(chunks) <= 1:
+    if not parallel:
         _init_worker(spec)
         results: Iterator = map(_generate_chunk, chunks)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(spec,))
+        pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
+                                   initargs=(spec, shared_out))
         results = pool.map(_generate_chunk, chunks)
     try:
         for start, chunk_texts, chunk_images in results:
-            out[start : start + len(chunk_texts)] = chunk_images
+            if chunk_images is not None:
+                out[start : start + len(chunk_texts)] = chunk_images
             texts[start : start + len(chunk_texts)] = chunk_texts
             if bar is not None:
                 bar.update(len(chunk_texts))
