@@ -3,6 +3,7 @@ losses, decodes, and tracks per-character and whole-sequence metrics."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,6 +18,10 @@ from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
 from captcha_lit.decoding import Decoded, decode_ctc_beam, decode_ctc_greedy, decode_positional
 from captcha_lit.models import get_model, model_decoder
+
+# The module, not the datamodule, turns uint8 batches into normalized floats on purpose
+# (checkpoints carry the normalization); Lightning warns about that choice on every fit.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULERS = ("none", "onecycle", "cosine")
