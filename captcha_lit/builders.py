@@ -41,24 +41,19 @@ def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dic
     length = data.pop("length", None)
     if length is not None and data.get("min_length") == data.get("max_length") == length and int(length) < 1:
         raise ValueError(f"data.length={length}: a CAPTCHA needs at least 1 character")
+    # Normalization belongs to the module; a checkpoint's datamodule hparams carry their own augmentation.
+    data.pop("mean", None)
+    data.pop("std", None)
+    saved_augmentation = data.pop("augmentation", None)
+    if augmentation is None:
+        augmentation = saved_augmentation
     if source == "synthetic":
         from captcha_lit.data.datamodule import CaptchaDataModule
 
-        data.pop("mean", None)
-        data.pop("std", None)
-        # A checkpoint's datamodule hparams carry their own augmentation entry.
-        saved_augmentation = data.pop("augmentation", None)
-        if augmentation is None:
-            augmentation = saved_augmentation
         return CaptchaDataModule(**data, augmentation=to_plain(augmentation) or {})
     if source == "folder":
         from captcha_lit.data.folder import FolderDataModule
 
-        data.pop("mean", None)
-        data.pop("std", None)
-        saved_augmentation = data.pop("augmentation", None)
-        if augmentation is None:
-            augmentation = saved_augmentation
         # Sizes of generated splits (debug=fast sets them) mean nothing for a folder, which uses all its images.
         for key in ("num_train", "num_val", "num_test"):
             data.pop(key, None)

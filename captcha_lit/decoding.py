@@ -1,11 +1,14 @@
-"""Turning logits into text and confidences, for both decoder kinds."""
+"""Turning logits into text and confidences, for both decoder kinds.
+
+numpy only, so the torch-free runtime decodes with the very same code as training,
+eval and predict. Logits may be numpy arrays or torch tensors.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -15,12 +18,34 @@ class Decoded:
     seq_conf: list[float]  # probability of the whole text (product of its characters)
 
 
-def decode_positional(logits: torch.Tensor, end_class: int | None = None) -> Decoded:
+def _as_float_array(logits) -> np.ndarray:
+    if hasattr(logits, "detach"):  # a torch tensor; duck-typed so this module never imports torch
+        logits = logits.detach().float().cpu().numpy()
+    return np.asarray(logits, dtype=np.float32)
+
+
+def _log_softmax(logits) -> np.ndarray:
+    x = _as_float_array(logits).astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _best_per_step(logits) -> tuple[list[list[int]], list[list[float]]]:
+    """(B, S, C) logits -> best class and its probability at each step."""
+    x = _as_float_array(logits)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    probs = e / e.sum(-1, keepdims=True)
+    return probs.argmax(-1).tolist(), probs.max(-1).tolist()
+
+
+def _product(values: list[float]) -> float:
+    return float(np.prod(np.asarray(values, dtype=np.float64)))
+
+
+def decode_positional(logits, end_class: int | None = None) -> Decoded:
     """(B, L, C) -> argmax per position; with ``end_class`` the text stops at the first end symbol."""
-    probs = logits.float().softmax(-1)
-    conf, idx = probs.max(-1)
     indices, char_conf, seq_conf = [], [], []
-    for row_idx, row_conf in zip(idx.tolist(), conf.tolist()):
+    for row_idx, row_conf in zip(*_best_per_step(logits)):
         if end_class is not None and end_class in row_idx:
             stop = row_idx.index(end_class)
             # The end symbol's own confidence belongs to the sequence's probability.
@@ -30,19 +55,17 @@ def decode_positional(logits: torch.Tensor, end_class: int | None = None) -> Dec
             tail = 1.0
         indices.append(row_idx)
         char_conf.append(row_conf)
-        seq_conf.append(float(torch.tensor(row_conf + [tail], dtype=torch.float64).prod()))
+        seq_conf.append(_product(row_conf + [tail]))
     return Decoded(indices, char_conf, seq_conf)
 
 
-def decode_ctc_greedy(logits: torch.Tensor, blank: int) -> Decoded:
+def decode_ctc_greedy(logits, blank: int) -> Decoded:
     """(B, T, C+1) -> best path: argmax per step, merge repeats, drop blanks.
 
     A character's confidence is the highest probability over the steps it spans.
     """
-    probs = logits.float().softmax(-1)
-    conf, idx = probs.max(-1)
     indices, char_conf, seq_conf = [], [], []
-    for row_idx, row_conf in zip(idx.tolist(), conf.tolist()):
+    for row_idx, row_conf in zip(*_best_per_step(logits)):
         out_idx: list[int] = []
         out_conf: list[float] = []
         prev = blank
@@ -57,11 +80,11 @@ def decode_ctc_greedy(logits: torch.Tensor, blank: int) -> Decoded:
         indices.append(out_idx)
         char_conf.append(out_conf)
         # With no characters, the confidence in "nothing here" is the best path's probability.
-        seq_conf.append(float(torch.tensor(out_conf or row_conf, dtype=torch.float64).prod()))
+        seq_conf.append(_product(out_conf or row_conf))
     return Decoded(indices, char_conf, seq_conf)
 
 
-def decode_ctc_beam(logits: torch.Tensor, blank: int, beam_width: int = 8) -> Decoded:
+def decode_ctc_beam(logits, blank: int, beam_width: int = 8) -> Decoded:
     """(B, T, C+1) -> CTC prefix beam search: the text with the highest total probability,
     summed over every alignment that collapses to it (greedy decoding scores one path only).
 
@@ -70,7 +93,7 @@ def decode_ctc_beam(logits: torch.Tensor, blank: int, beam_width: int = 8) -> De
     """
     if beam_width < 1:
         raise ValueError(f"beam_width={beam_width} must be at least 1")
-    log_probs = logits.detach().float().log_softmax(-1).cpu().numpy().astype(np.float64)
+    log_probs = _log_softmax(logits)
     indices, char_conf, seq_conf = [], [], []
     for row in log_probs:
         text = _prefix_beam_search(row, blank, beam_width)

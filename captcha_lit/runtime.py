@@ -9,7 +9,7 @@
 Needs only onnxruntime, Pillow and numpy. Everything needed to preprocess and
 decode (charset, input size, normalization, decoder kind, lengths) is read from
 the model's ONNX metadata, which ``python -m captcha_lit.export`` writes.
-Decoding mirrors ``captcha_lit.decoding`` (which needs torch) in numpy.
+Decoding is ``captcha_lit.decoding``'s, which is numpy only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from captcha_lit import __version__
 from captcha_lit.charset import Charset
+from captcha_lit.decoding import decode_ctc_greedy, decode_positional
 from captcha_lit.preprocess import MAX_IMAGE_PIXELS, ImageInput, normalize, open_image, resize_to_input
 
 DECODERS = ("positional", "ctc")
@@ -101,55 +102,6 @@ class ModelInfo:
     def num_outputs(self) -> int:
         """Classes per logit row: the charset, plus the CTC blank or the end symbol."""
         return len(self.charset) + (self.decoder == "ctc" or self.end_class is not None)
-
-
-# ---- decoding (numpy twins of captcha_lit.decoding) -------------------------------------
-Decoded = list[tuple[list[int], list[float], float]]  # per sample: (indices, char confidences, seq confidence)
-
-
-def _softmax_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, S, C) logits -> best class and its probability per step, in float32 like torch."""
-    x = logits.astype(np.float32, copy=False)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    probs = e / e.sum(-1, keepdims=True)
-    return probs.argmax(-1), probs.max(-1)
-
-
-def decode_positional(logits: np.ndarray, end_class: int | None = None) -> Decoded:
-    """(B, L, C) -> argmax per position; with ``end_class`` the text stops at the first end symbol,
-    whose probability belongs to the sequence's confidence."""
-    idx, conf = _softmax_max(logits)
-    out = []
-    for row_idx, row_conf in zip(idx.tolist(), conf.tolist()):
-        tail = 1.0
-        if end_class is not None and end_class in row_idx:
-            stop = row_idx.index(end_class)
-            tail = row_conf[stop]
-            row_idx, row_conf = row_idx[:stop], row_conf[:stop]
-        out.append((row_idx, row_conf, float(np.prod(np.asarray(row_conf + [tail], dtype=np.float64)))))
-    return out
-
-
-def decode_ctc_greedy(logits: np.ndarray, blank: int) -> Decoded:
-    """(B, T, C+1) -> best path: argmax per step, merge repeats, drop blanks. A character's
-    confidence is the highest probability over the steps it spans; with no characters, the
-    sequence confidence is the best path's probability."""
-    idx, conf = _softmax_max(logits)
-    out = []
-    for row_idx, row_conf in zip(idx.tolist(), conf.tolist()):
-        chars: list[int] = []
-        char_conf: list[float] = []
-        prev = blank
-        for k, p in zip(row_idx, row_conf):
-            if k != blank:
-                if k != prev:
-                    chars.append(k)
-                    char_conf.append(p)
-                elif char_conf:
-                    char_conf[-1] = max(char_conf[-1], p)
-            prev = k
-        out.append((chars, char_conf, float(np.prod(np.asarray(char_conf or row_conf, dtype=np.float64)))))
-    return out
 
 
 # ---- the solver ------------------------------------------------------------------------
@@ -250,7 +202,7 @@ class Solver:
         else:
             decoded = decode_positional(logits, end_class=self.info.end_class)
         return [Solution(self.charset.decode(indices), confidence, char_conf)
-                for indices, char_conf, confidence in decoded]
+                for indices, char_conf, confidence in zip(decoded.indices, decoded.char_conf, decoded.seq_conf)]
 
 
 def _describe(image: ImageInput, index: int) -> str:

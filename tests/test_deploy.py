@@ -17,12 +17,11 @@ from PIL import Image
 from captcha_lit import __version__
 from captcha_lit.builders import load_module
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
-from captcha_lit.decoding import decode_ctc_greedy as torch_ctc
-from captcha_lit.decoding import decode_positional as torch_positional
+from captcha_lit.decoding import decode_ctc_greedy, decode_positional
 from captcha_lit.export import ParityError, export, export_onnx
 from captcha_lit.predict import predict
 from captcha_lit.preprocess import load_input
-from captcha_lit.runtime import Solver, decode_ctc_greedy, decode_positional
+from captcha_lit.runtime import Solver
 from conftest import PYTHON, REPO_ROOT, cli_env
 
 ARCHS = ("cnn", "crnn")
@@ -218,7 +217,8 @@ def test_runtime_solves_without_torch(exported_models, tiny_checkpoints, image_d
         assert solution["confidence"] == pytest.approx(conf, abs=1e-5)
 
 
-def test_numpy_decoders_match_torch():
+def test_decoders_read_numpy_and_torch_logits_alike():
+    """The runtime (numpy logits) and the module (torch logits) share one decoder."""
     rng = np.random.default_rng(0)
     num_classes = 10
     # CTC: sharp logits so that paths repeat characters and visit the blank; row 0 is all blank.
@@ -227,14 +227,16 @@ def test_numpy_decoders_match_torch():
     logits = rng.normal(0, 1, (32, 16, num_classes + 1)).astype(np.float32)
     np.put_along_axis(logits, best[..., None], 4.0, axis=-1)
     logits[0, :, num_classes] = 9.0
-    expected = torch_ctc(torch.from_numpy(logits), blank=num_classes)
-    got = decode_ctc_greedy(logits, blank=num_classes)
-    assert got[0][0] == [] and got[0][2] == pytest.approx(expected.seq_conf[0], rel=1e-5)
-    assert any(len(indices) > 3 for indices, _, _ in got)
-    for (indices, char_conf, seq_conf), i in zip(got, range(len(got))):
-        assert indices == expected.indices[i]
-        assert char_conf == pytest.approx(expected.char_conf[i], rel=1e-5)
-        assert seq_conf == pytest.approx(expected.seq_conf[i], rel=1e-5)
+    from_torch = decode_ctc_greedy(torch.from_numpy(logits), blank=num_classes)
+    from_numpy = decode_ctc_greedy(logits, blank=num_classes)
+    # An all-blank row decodes to nothing, with the best path's probability as its confidence.
+    path_prob = torch.from_numpy(logits[0]).double().softmax(-1).max(-1).values.prod().item()
+    assert from_numpy.indices[0] == [] and from_numpy.seq_conf[0] == pytest.approx(path_prob, rel=1e-5)
+    assert any(len(indices) > 3 for indices in from_numpy.indices)
+    assert from_numpy.indices == from_torch.indices
+    for i in range(len(logits)):
+        assert from_numpy.char_conf[i] == pytest.approx(from_torch.char_conf[i], rel=1e-6)
+        assert from_numpy.seq_conf[i] == pytest.approx(from_torch.seq_conf[i], rel=1e-6)
 
     # Positional with an end symbol at every position, and rows without one.
     end = num_classes
@@ -242,12 +244,12 @@ def test_numpy_decoders_match_torch():
     for row in range(6):
         logits[row, row if row < 5 else 0, end] = 12.0
     for end_class in (end, None):
-        expected = torch_positional(torch.from_numpy(logits), end_class=end_class)
-        got = decode_positional(logits, end_class=end_class)
-        assert [g[0] for g in got] == expected.indices
-        assert [g[1] for g in got] == [pytest.approx(c, rel=1e-5) for c in expected.char_conf]
-        assert [g[2] for g in got] == pytest.approx(expected.seq_conf, rel=1e-5)
-    assert decode_positional(logits, end_class=end)[0][0] == []
+        from_torch = decode_positional(torch.from_numpy(logits), end_class=end_class)
+        from_numpy = decode_positional(logits, end_class=end_class)
+        assert from_numpy.indices == from_torch.indices
+        assert from_numpy.seq_conf == pytest.approx(from_torch.seq_conf, rel=1e-6)
+    stopped = decode_positional(logits, end_class=end)
+    assert stopped.indices[0] == [] and all(len(stopped.indices[r]) <= r for r in range(5))
 
 
 def test_solver_rejects_bad_model_files(tmp_path):

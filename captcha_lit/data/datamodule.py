@@ -55,6 +55,16 @@ class ArrayLoaders:
 
     datasets: dict
 
+    def _init_loaders(self, batch_size: int, eval_batch_size: int, num_workers: int, augmentation: dict | None) -> None:
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        augmentation = dict(augmentation or {})
+        # The batch backend augments inside the LightningModule; only torchvision's runs here.
+        backend = augmentation.pop("backend", "batch")
+        self.train_transform = TrainPreset(**augmentation) if backend == "torchvision" else None
+        self.datasets: dict[str, CaptchaArrayDataset] = {}
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
@@ -121,14 +131,7 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         self.splits = {"train": (int(num_train), seed), "val": (int(num_val), seed), "test": (int(num_test), test_seed)}
         self.cache_dir = cache_dir
         self.gen_workers = gen_workers
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size)
-        self.num_workers = int(num_workers)
-        augmentation = dict(augmentation or {})
-        # The batch backend augments inside the LightningModule; only torchvision's runs here.
-        backend = augmentation.pop("backend", "batch")
-        self.train_transform = TrainPreset(**augmentation) if backend == "torchvision" else None
-        self.datasets: dict[str, CaptchaArrayDataset] = {}
+        self._init_loaders(batch_size, eval_batch_size, num_workers, augmentation)
 
     def _split(self, split: str) -> tuple[list[str], np.ndarray]:
         count, seed = self.splits[split]

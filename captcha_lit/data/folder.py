@@ -32,7 +32,6 @@ import numpy as np
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset
-from captcha_lit.data.transforms import TrainPreset
 from captcha_lit.preprocess import ImageDecodeError, load_input
 
 log = logging.getLogger(__name__)
@@ -175,13 +174,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         self._given_charset = given
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.cache_dir = cache_dir
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size)
-        self.num_workers = int(num_workers)
-        augmentation = dict(augmentation or {})
-        backend = augmentation.pop("backend", "batch")
-        self.train_transform = TrainPreset(**augmentation) if backend == "torchvision" else None
-        self.datasets: dict[str, CaptchaArrayDataset] = {}
+        self._init_loaders(batch_size, eval_batch_size, num_workers, augmentation)
         self.bad_files: list[dict] = []
         self.files: dict[str, list[str]] = {}
         self._resolved = False
