@@ -71,11 +71,32 @@ def _to_onnx(module, path: Path, opset: int) -> None:
     onnx.save(model, str(path))
 
 
-def _parity_images(state: dict, count: int, seed: int | str) -> tuple[list[str], np.ndarray]:
-    """CAPTCHAs drawn like the checkpoint's training data, at the model's input size."""
+PARITY_SPLITS = ("generated", "test")
+
+
+def _parity_images(state: dict, count: int | None, seed: int | str, split: str = "generated",
+                   ) -> tuple[list[str], np.ndarray]:
+    """The images of the parity check, at the model's input size: ``generated`` draws fresh
+    CAPTCHAs like the checkpoint's training data; ``test`` takes the checkpoint's own fixed
+    test split (from the data cache), the images its test accuracy was measured on."""
+    if split not in PARITY_SPLITS:
+        raise ValueError(f"parity.split={split!r}: use one of {', '.join(PARITY_SPLITS)}")
+    data = checkpoint_data_config(state)
+    if split == "test":
+        from captcha_lit.builders import build_datamodule
+
+        if not state.get("datamodule_hyper_parameters"):
+            raise ValueError("parity.split=test needs the checkpoint's data config, and this checkpoint has none; "
+                             "use parity.split=generated")
+        datamodule = build_datamodule(data)
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        test = datamodule.datasets["test"]
+        n = len(test) if count is None else min(int(count), len(test))
+        return test.texts[:n], np.stack([np.asarray(test.images[i]) for i in range(n)])
+
     from captcha_lit.data.synthetic import GeneratorSpec, generate, resolve_fonts
 
-    data = checkpoint_data_config(state)
     try:
         fonts = resolve_fonts(data.get("fonts"))
     except ValueError as exc:  # the training fonts may live on another machine
@@ -87,13 +108,13 @@ def _parity_images(state: dict, count: int, seed: int | str) -> tuple[list[str],
         input_size=tuple(int(v) for v in data["input_size"]), fonts=tuple(fonts) if fonts else None,
         font_sizes=tuple(int(s) for s in data["font_sizes"]) if data.get("font_sizes") else None,
     )
-    return generate(spec, seed, "export_parity", count, workers=1)
+    return generate(spec, seed, "export_parity", int(count or 100), workers=1)
 
 
-def check_parity(module, state: dict, solver: Solver, *, num_images: int, seed: int | str = 0,
-                 batch_size: int = 32) -> dict:
-    """Compare PyTorch and the ONNX runtime on the same generated images."""
-    labels, images = _parity_images(state, num_images, seed)
+def check_parity(module, state: dict, solver: Solver, *, num_images: int | None, seed: int | str = 0,
+                 split: str = "generated", batch_size: int = 32) -> dict:
+    """Compare PyTorch and the ONNX runtime on the same images (see ``_parity_images``)."""
+    labels, images = _parity_images(state, num_images, seed, split)
     torch_texts, torch_conf, torch_logits = [], [], []
     module = module.to("cpu").eval()
     with torch.inference_mode():
@@ -115,6 +136,7 @@ def check_parity(module, state: dict, solver: Solver, *, num_images: int, seed: 
                   for i, (t, o) in enumerate(zip(torch_texts, onnx_texts)) if t != o]
     return {
         "num_images": len(images),
+        "split": split,
         "max_abs_logit_diff": float(np.abs(onnx_logits - reference).max()),
         "max_confidence_diff": float(max(abs(a - s.confidence) for a, s in zip(torch_conf, solutions))),
         "text_agreement": 1.0 - len(mismatched) / len(images),
@@ -125,15 +147,20 @@ def check_parity(module, state: dict, solver: Solver, *, num_images: int, seed: 
     }
 
 
-def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17, parity_images: int = 100,
+def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17, parity_images: int | None = 100,
                 parity_seed: int | str = 0, max_mismatch_rate: float = 0.01, max_logit_diff: float = 1e-3,
-                ckpt_path: str | None = None) -> dict:
+                ckpt_path: str | None = None, parity_split: str = "generated") -> dict:
     """Write ``path`` and ``<stem>.parity.json``; raise ParityError if the model disagrees with PyTorch."""
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"output={str(path)!r}: the ONNX file name must end in .onnx")
-    if parity_images < 1:
-        raise ValueError(f"parity.num_images={parity_images} must be at least 1: an export is always checked")
+    if parity_images is not None and parity_images < 1:
+        raise ValueError(f"parity.num_images={parity_images} must be at least 1 (or null: the whole test split "
+                         "with parity.split=test): an export is always checked")
+    if parity_images is None and parity_split != "test":
+        raise ValueError("parity.num_images=null (every image) needs parity.split=test")
+    if parity_split not in PARITY_SPLITS:
+        raise ValueError(f"parity.split={parity_split!r}: use one of {', '.join(PARITY_SPLITS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.to("cpu").eval()
     if module.decoder == "ctc" and int(module.hparams.get("beam_width", 1)) > 1:
@@ -144,7 +171,7 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
     report = {
         "model": str(path.resolve()), "ckpt_path": str(Path(ckpt_path).resolve()) if ckpt_path else None,
         "model_id": solver.model_id, "opset": int(opset),
-        **check_parity(module, state, solver, num_images=int(parity_images), seed=parity_seed),
+        **check_parity(module, state, solver, num_images=parity_images, seed=parity_seed, split=parity_split),
         "max_mismatch_rate": float(max_mismatch_rate), "max_logit_diff_allowed": float(max_logit_diff),
         "metadata": model_info(module).to_metadata(),
     }
@@ -177,14 +204,16 @@ def export(cfg: DictConfig) -> dict:
     module, state = load_module(cfg.ckpt_path)
     path = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else Path(output_dir(cfg)) / "model.onnx"
     parity = cfg.get("parity") or {}
+    num_images = parity.get("num_images", 100)
     report = export_onnx(
-        module, state, path, opset=int(cfg.get("opset", 17)), parity_images=int(parity.get("num_images", 100)),
+        module, state, path, opset=int(cfg.get("opset", 17)),
+        parity_images=None if num_images is None else int(num_images), parity_split=str(parity.get("split", "generated")),
         parity_seed=parity.get("seed", 0), max_mismatch_rate=float(parity.get("max_mismatch_rate", 0.01)),
         max_logit_diff=float(parity.get("max_logit_diff", 1e-3)), ckpt_path=str(cfg.ckpt_path),
     )
     print("\n".join([
         "", f"exported {module.hparams.arch} ({module.decoder} decoder) to {report['model']}",
-        f"  parity on {report['num_images']} generated images: texts agree {report['text_agreement']:.1%}, "
+        f"  parity on {report['num_images']} {'test' if report['split'] == 'test' else 'generated'} images: texts agree {report['text_agreement']:.1%}, "
         f"largest logit difference {report['max_abs_logit_diff']:.2e}",
         f"  seq acc on them: torch {report['torch_seq_acc']:.3f}, onnx {report['onnx_seq_acc']:.3f}",
         f"  report: {report['parity_report']}",

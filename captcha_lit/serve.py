@@ -16,8 +16,10 @@ header of every /v1 request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
@@ -25,6 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import hydra
@@ -33,7 +36,6 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.security import APIKeyHeader
 from omegaconf import DictConfig
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from captcha_lit import __version__
@@ -221,11 +223,77 @@ def _json_images(payload: Any, field: str, hint: str) -> list[tuple[str, bytes]]
     return [(f"images[{i}]", _b64decode(value, f"images[{i}]")) for i, value in enumerate(images)]
 
 
+# ---- micro-batching ---------------------------------------------------------------------------
+class MicroBatcher:
+    """Coalesces the images of concurrent requests into one onnxruntime call.
+
+    Requests queue their images and await a future. One worker thread takes everything
+    queued (up to ``max_images``), decodes it and runs one batched inference, while the
+    next requests queue up behind it. A lone request therefore goes straight through,
+    with no waiting window; under load, the per-call cost of the model is shared by the
+    whole batch, so throughput rises instead of latency. ``max_images=1`` turns it off.
+    """
+
+    def __init__(self, solve_images, max_images: int):
+        self._solve_images = solve_images
+        self.max_images = max(1, int(max_images))
+        self._pending: list[tuple[list[tuple[str, bytes]], asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+        # One thread: batches run one after another, and each uses every intra-op thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captcha_lit_solve")
+        self.batches = 0
+        self.images = 0
+
+    async def solve(self, items: list[tuple[str, bytes]]) -> list[dict]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((items, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    def _take(self) -> list[tuple[list[tuple[str, bytes]], asyncio.Future]]:
+        taken, count = [], 0
+        while self._pending and (not taken or count + len(self._pending[0][0]) <= self.max_images):
+            items, future = self._pending.pop(0)
+            taken.append((items, future))
+            count += len(items)
+        return taken
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            taken = self._take()
+            flat = [item for items, _ in taken for item in items]
+            try:
+                results = await loop.run_in_executor(self._executor, self._solve_images, flat)
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += len(flat)
+            start = 0
+            for items, future in taken:
+                if not future.done():  # the client may have gone away
+                    future.set_result(results[start:start + len(items)])
+                start += len(items)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 # ---- the app --------------------------------------------------------------------------------
 def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_batch: int = 64,
-               api_key: str | None = None) -> FastAPI:
-    """The FastAPI app around ``solver``. ``api_key`` (if set) guards every /v1 route."""
-    app = FastAPI(title="captcha_lit", version=__version__,
+               api_key: str | None = None, micro_batch: int = 64) -> FastAPI:
+    """The FastAPI app around ``solver``. ``api_key`` (if set) guards every /v1 route;
+    ``micro_batch`` caps the images that concurrent requests share in one model call."""
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="captcha_lit", version=__version__, lifespan=lifespan,
                   description=f"Solves text CAPTCHAs with model {solver.model_id} ({solver.info.arch}, "
                               f"{solver.info.decoder} decoder).")
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -252,6 +320,9 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
                 results[slot] = solution.to_dict()
         return results
 
+    batcher = MicroBatcher(solve_images, max(int(micro_batch), 1))
+    app.state.batcher = batcher
+
     @app.get("/health", tags=["service"])
     async def health() -> dict:
         return {"status": "ok", "model_id": solver.model_id}
@@ -271,7 +342,7 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         """Solve one image: multipart field `file`, JSON `{"image": base64}`, or a raw image/* body."""
         start = time.perf_counter()
         items = await _read_uploads(request, "file", '{"image": "<base64>"}', 1)
-        result = (await run_in_threadpool(solve_images, items))[0]
+        result = (await batcher.solve(items))[0]
         if "error" in result:
             raise HTTPException(422, result["error"])
         return {**result, "model_id": solver.model_id, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
@@ -286,7 +357,7 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         items = await _read_uploads(request, "files", '["<base64>", ...]', max_batch)
         if len(items) > max_batch:
             raise HTTPException(413, f"batch of {len(items)} images exceeds the limit of {max_batch}")
-        results = await run_in_threadpool(solve_images, items)
+        results = await batcher.solve(items)
         return {"results": results, "model_id": solver.model_id,
                 "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
 
@@ -295,11 +366,11 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
 
 # ---- entry point ------------------------------------------------------------------------------
 def load_solver(model_path: str, *, threads: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                parity_images: int = 32) -> Solver:
+                parity_images: int = 32, spinning: bool = False) -> Solver:
     """A Solver for a .onnx model, or for a checkpoint exported to ONNX in a temporary folder."""
     path = check_model_file(model_path)
     if path.suffix.lower() == ".onnx":
-        return Solver(path, threads=threads, max_pixels=max_pixels)
+        return Solver(path, threads=threads, max_pixels=max_pixels, spinning=spinning)
     from captcha_lit.builders import load_module
     from captcha_lit.export import export_onnx
 
@@ -309,7 +380,7 @@ def load_solver(model_path: str, *, threads: int | None = None, max_pixels: int 
                              ckpt_path=str(path))
         log.info("exported %s to ONNX: texts agree %.1f%%, largest logit difference %.2e", path,
                  100 * report["text_agreement"], report["max_abs_logit_diff"])
-        return Solver(Path(tmp) / f"{path.stem}.onnx", threads=threads, max_pixels=max_pixels)
+        return Solver(Path(tmp) / f"{path.stem}.onnx", threads=threads, max_pixels=max_pixels, spinning=spinning)
 
 
 def serve(cfg: DictConfig) -> None:
@@ -317,9 +388,10 @@ def serve(cfg: DictConfig) -> None:
 
     solver = load_solver(str(cfg.model_path), threads=cfg.get("threads"),
                          max_pixels=int(cfg.get("max_image_pixels") or MAX_IMAGE_PIXELS),
-                         parity_images=int(cfg.get("parity_images", 32)))
+                         parity_images=int(cfg.get("parity_images", 32)), spinning=bool(cfg.get("spinning", False)))
     api_key = os.environ.get(API_KEY_ENV) or None
-    app = create_app(solver, max_body_bytes=int(cfg.max_body_bytes), max_batch=int(cfg.max_batch), api_key=api_key)
+    app = create_app(solver, max_body_bytes=int(cfg.max_body_bytes), max_batch=int(cfg.max_batch), api_key=api_key,
+                     micro_batch=int(cfg.get("micro_batch", 64)))
     print(f"serving {solver.model_id} ({solver.info.arch}, {solver.info.decoder}) on "
           f"http://{cfg.host}:{cfg.port}  docs: /docs  API key: {'required' if api_key else 'off'}", flush=True)
     uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.get("log_level", "info")),

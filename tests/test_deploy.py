@@ -290,3 +290,19 @@ def test_cli_bad_model_files(tmp_path, cache_dir):
         assert "Traceback" not in stderr
         errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and cases[name][1] in errors[0], stderr[-2000:]
+
+
+def test_export_parity_on_the_checkpoints_test_split(make_cfg, tiny_checkpoints, tmp_path):
+    """parity.split=test compares PyTorch and ONNX on the checkpoint's own fixed test split."""
+    output = tmp_path / "m.onnx"
+    report = export(make_cfg("export", [f"ckpt_path={tiny_checkpoints['crnn']}", f"output={output}",
+                                        "parity.split=test", "parity.num_images=null"]))
+    module, state = load_module(tiny_checkpoints["crnn"])
+    num_test = state["datamodule_hyper_parameters"]["num_test"]
+    assert report["split"] == "test" and report["num_images"] == num_test
+    assert report["passed"] and report["text_agreement"] == 1.0
+    with pytest.raises(ValueError, match="parity.split='train'"):
+        export(make_cfg("export", [f"ckpt_path={tiny_checkpoints['crnn']}", f"output={output}", "parity.split=train"]))
+    with pytest.raises(ValueError, match="needs parity.split=test"):
+        export(make_cfg("export", [f"ckpt_path={tiny_checkpoints['crnn']}", f"output={output}",
+                                   "parity.num_images=null"]))

@@ -214,3 +214,16 @@ def test_config_dispatch_and_missing_folder(tmp_path, cache_dir):
         build_datamodule({"source": "folder", "path": str(root), "fonts": "dejavu"})
     # debug=fast shrinks generated splits; a folder ignores those sizes
     assert isinstance(build_datamodule({"source": "folder", "path": str(root), "num_train": 8}), FolderDataModule)
+
+
+def test_train_limit_takes_nested_subsets_and_keeps_val_and_test(tmp_path, cache_dir):
+    root = _folder(tmp_path / "imgs", NAMES)
+    full, four, two = (_dm(root, cache_dir, train_limit=n) for n in (None, 4, 2))
+    for dm in (full, four, two):
+        dm.setup(None)
+    assert len(four.files["train"]) == 4 and len(two.files["train"]) == 2
+    assert set(two.files["train"]) <= set(four.files["train"]) <= set(full.files["train"])
+    for split in ("val", "test"):
+        assert full.files[split] == four.files[split] == two.files[split]
+    with pytest.raises(ValueError, match="data.train_limit=0"):
+        _dm(root, cache_dir, train_limit=0)

@@ -195,3 +195,28 @@ def test_model_info_and_docs(client):
     assert {"/v1/solve", "/v1/solve/batch", "/v1/model", "/health"} <= set(spec["paths"])
     body = spec["paths"]["/v1/solve"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "application/json" in body
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, exported_models, pngs):
+    """Requests that arrive together share model calls; each must still get its own image's answer,
+    and a bad image among them fails alone."""
+    import concurrent.futures
+
+    solver = Solver(exported_models["crnn"]["onnx"])
+    expected = [solver.solve(data).text for data in pngs]
+    jobs = [i % len(pngs) for i in range(24)]
+
+    def post(index: int) -> tuple[int, int, dict]:
+        with httpx.Client(base_url=server, headers={"X-API-Key": API_KEY}, timeout=60) as http:
+            data = pngs[index] if index >= 0 else b"not an image"
+            response = http.post("/v1/solve", **_upload(data))
+            return index, response.status_code, response.json()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(post, jobs[:12] + [-1] + jobs[12:]))
+    for index, status, body in answers:
+        if index < 0:
+            assert status == 422 and "not a recognized image format" in body["detail"]
+        else:
+            assert status == 200, body
+            assert body["text"] == expected[index]

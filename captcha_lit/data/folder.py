@@ -128,6 +128,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        train_limit: int | None = None,
         skip_bad: bool = False,
         cache_dir: str = "~/.cache/captcha_lit",
         batch_size: int = 32,
@@ -156,6 +157,8 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {float(val_fraction) + float(test_fraction):g} "
                 "leaves no training images; keep their sum below 1"
             )
+        if train_limit is not None and int(train_limit) < 1:
+            raise ValueError(f"data.train_limit={train_limit} must be null (all) or at least 1")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
         if num_workers < 0:
@@ -307,8 +310,12 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
                 f"{len(ranked)} usable images are too few for data.val_fraction={hp.val_fraction} and "
                 f"data.test_fraction={hp.test_fraction}: no image is left to train on"
             )
-        chosen = {"test": ranked[:num_test], "val": ranked[num_test:num_test + num_val],
-                  "train": ranked[num_test + num_val:]}
+        train = ranked[num_test + num_val:]
+        if hp.get("train_limit") is not None:
+            # A prefix of the hash ranking: a random subset, and each smaller limit is a subset of a
+            # larger one, so learning curves over train_limit compare nested training sets.
+            train = train[:int(hp.train_limit)]
+        chosen = {"test": ranked[:num_test], "val": ranked[num_test:num_test + num_val], "train": train}
         self._splits = {}
         for split, members in chosen.items():
             members = sorted(members)  # each split in path order
