@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import lightning as L
 import numpy as np
@@ -84,6 +85,25 @@ class ArrayLoaders:
         return self._loader("test", train=False)
 
 
+def _char_weights(charset: Charset, weights: dict | None) -> tuple[float, ...] | None:
+    """``{char: weight}`` (unlisted characters weigh 1) -> one weight per charset character."""
+    if not weights:
+        return None
+    weights = {str(k): float(v) for k, v in dict(weights).items()}
+    bad = {c: w for c, w in weights.items() if not w >= 0}
+    if bad:
+        raise ValueError(f"data.train_char_weights must be non-negative, got {bad}")
+    # The default weights name O and 0; a charset without them (digits, lowercase) just skips them.
+    unknown = [c for c in weights if c not in charset.chars]
+    if unknown:
+        log.info("data.train_char_weights: %s not in charset %r, skipped", unknown, charset.chars)
+    if all(weights.get(c, 1.0) == 1.0 for c in charset.chars):
+        return None  # uniform: the same data (and cache) as no weights
+    if not any(weights.get(c, 1.0) > 0 for c in charset.chars):
+        raise ValueError(f"data.train_char_weights gives every character of {charset.chars!r} weight 0")
+    return tuple(weights.get(c, 1.0) for c in charset.chars)
+
+
 class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
     def __init__(
         self,
@@ -96,6 +116,7 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         input_size: Sequence[int] = (48, 128),
         fonts: Sequence[str] | str | None = None,
         font_sizes: Sequence[int] | None = None,
+        train_char_weights: dict | None = None,
         num_train: int = 50_000,
         num_val: int = 1_000,
         num_test: int = 2_000,
@@ -127,6 +148,8 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
             fonts=tuple(resolve_fonts(fonts)) if resolve_fonts(fonts) else None,
             font_sizes=tuple(int(s) for s in font_sizes) if font_sizes else None,
         )
+        self.split_specs = {"train": replace(self.spec, char_weights=_char_weights(self.charset, train_char_weights)),
+                            "val": self.spec, "test": self.spec}
         self.max_length = int(max_length)
         self.splits = {"train": (int(num_train), seed), "val": (int(num_val), seed), "test": (int(num_test), test_seed)}
         self.cache_dir = cache_dir
@@ -135,12 +158,13 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
 
     def _split(self, split: str) -> tuple[list[str], np.ndarray]:
         count, seed = self.splits[split]
-        fields = {**self.spec.key_fields(), "split": split, "seed": seed}
+        spec = self.split_specs[split]
+        fields = {**spec.key_fields(), "split": split, "seed": seed}
         height, width = self.spec.input_size
 
         def build(out: np.ndarray) -> list[str]:
             log.info("generating %d %s images (seed %s) into the cache", count, split, seed)
-            texts, _ = generate(self.spec, seed, split, count, workers=self.gen_workers, out=out, progress=True)
+            texts, _ = generate(spec, seed, split, count, workers=self.gen_workers, out=out, progress=True)
             return texts
 
         return cache.get_or_build(self.cache_dir, f"synthetic-{split}", fields, count, build, (height, width, 3))

@@ -126,6 +126,8 @@ class GeneratorSpec:
     input_size: tuple[int, int] = (60, 160)
     fonts: tuple[str, ...] | None = None
     font_sizes: tuple[int, ...] | None = None
+    # Sampling weight of each charset character in the drawn texts; None: uniform.
+    char_weights: tuple[float, ...] | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -138,6 +140,10 @@ class GeneratorSpec:
         if self.width < 8 or self.height < 8:
             raise ValueError(f"data.width x data.height = {self.width}x{self.height} is too small; use at least 8x8")
         chars = Charset(self.charset).chars  # validates
+        if self.char_weights is not None:
+            if len(self.char_weights) != len(chars) or min(self.char_weights) < 0 or sum(self.char_weights) <= 0:
+                raise ValueError(f"char_weights needs one non-negative weight per character of {chars!r}, "
+                                 f"not all zero; got {list(self.char_weights)}")
         for font in self.fonts or ():
             missing = missing_glyphs(font, chars)
             if missing:
@@ -156,6 +162,8 @@ class GeneratorSpec:
             "input_size": list(self.input_size),
             "fonts": [_font_identity(f) for f in self.fonts] if self.fonts else None,
             "font_sizes": list(self.font_sizes) if self.font_sizes else None,
+            # Only when set, so that uniform datasets keep their cache keys.
+            **({"char_weights": [float(w) for w in self.char_weights]} if self.char_weights is not None else {}),
         }
 
 
@@ -185,7 +193,10 @@ class CaptchaGenerator:
     def sample(self, seed: int | str, split: str, index: int) -> tuple[str, np.ndarray]:
         rng = random.Random(f"captcha_lit:{seed}:{split}:{index}")
         length = rng.randint(self.spec.min_length, self.spec.max_length)
-        text = "".join(rng.choice(self.charset.chars) for _ in range(length))
+        if self.spec.char_weights is None:
+            text = "".join(rng.choice(self.charset.chars) for _ in range(length))
+        else:
+            text = "".join(rng.choices(self.charset.chars, weights=self.spec.char_weights, k=length))
         with _seeded_captcha(rng):
             image = self._captcha.generate_image(text)
         return text, resize_to_input(image, self.spec.input_size)
