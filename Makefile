@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -e ".[deploy,viz,dev]"
+	$(PY) -m pip install -e ".[deploy,viz,dev,scale]"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -6,6 +6,8 @@
     python -m captcha_lit.bench --only onnx --http-seconds 10
     python -m captcha_lit.bench --only parity --ckpt outputs/train/runs/<time>/checkpoints/<best>.ckpt
     python -m captcha_lit.bench --only finetune         # synthetic pre-training vs. 100/200 real labels
+    python -m captcha_lit.bench --only ddp --train-repeats 3 # 1 process vs DDP with 2 (gloo), equal samples
+    python -m captcha_lit.bench --only stream --repeats 3    # time the trainer waits for streamed data
 
 Each figure is the median over repeats, next to a baseline measured in the same run.
 Results go to outputs/bench/<time>/results.json and table.md, and are printed.
@@ -480,6 +482,102 @@ def bench_parity(ckpt: str | None, out_dir: Path) -> dict:
         "num_images", "text_agreement", "text_mismatches", "max_abs_logit_diff", "torch_seq_acc", "onnx_seq_acc")}}
 
 
+# ---- distributed training: 1 process vs DDP with 2, equal total samples -------------------
+def bench_ddp(repeats: int, num_train: int, epochs: int, out_dir: Path) -> dict:
+    """The default model on CPU, trained by one process (batch 64) and by DDP with two gloo
+    processes (batch 32 each: the same global batch, steps and samples), scored on the test split."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_ddp_cache_"))
+    common = [f"data.num_train={num_train}", f"trainer.max_epochs={epochs}", f"data.cache_dir={cache_dir}",
+              "trainer.accelerator=cpu", "trainer.enable_model_summary=false"]
+    setups = {"one_process": ["trainer.devices=1", "data.batch_size=64"],
+              "two_processes": ["trainer=ddp", "trainer.devices=2", "data.batch_size=32"]}
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    try:
+        from captcha_lit.builders import build_datamodule
+
+        build_datamodule(_compose(common).data).prepare_data()  # generated once, outside the timed runs
+        for r in range(repeats):
+            for name, overrides in setups.items():  # interleaved, so machine load hits both alike
+                runs[name].append(_train_run(f"ddp_{name}_run{r}", common + overrides + [f"seed={42 + r}"], out_dir,
+                                             fresh_cache=False))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    result: dict = {"num_train": num_train, "epochs": epochs, "total_samples": num_train * epochs,
+                    "repeats": repeats}
+    for name, name_runs in runs.items():
+        ok = [r for r in name_runs if "error" not in r]
+        result[name] = {"runs": name_runs, **{f"median_{key}": _median([r.get(key) for r in ok])
+                                               for key in ("test_seq_acc", "test_char_acc", "wall_s", "train_img_s")}}
+    one, two = result["one_process"]["median_test_seq_acc"], result["two_processes"]["median_test_seq_acc"]
+    result["seq_acc_difference"] = round(two - one, 4) if one is not None and two is not None else None
+    return result
+
+
+# ---- streaming data: how long the training loop waits for batches -------------------------
+def _data_wait_run(overrides: list[str], skip: int) -> dict:
+    import lightning as L
+
+    from captcha_lit.builders import build_datamodule, build_module
+
+    class DataWait(L.Callback):
+        """Time between one training batch's end and the next one's start (the loop fetching
+        data) against the time inside the batches, after ``skip`` warm-up batches."""
+
+        def __init__(self):
+            self.batches, self.wait_s, self.busy_s, self.samples = 0, 0.0, 0.0, 0
+            self._end: float | None = None
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._start = time.perf_counter()
+            if self._end is not None and self.batches >= skip:
+                self.wait_s += self._start - self._end
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._end = time.perf_counter()
+            if self.batches >= skip:
+                self.busy_s += self._end - self._start
+                self.samples += int(batch["image"].shape[0])
+            self.batches += 1
+
+    timer = DataWait()
+    cfg = _compose(overrides)
+    datamodule = build_datamodule(cfg.data, cfg.augmentation)
+    module = build_module(cfg, datamodule)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, datamodule=datamodule)
+    total = timer.wait_s + timer.busy_s
+    return {"wait_fraction": round(timer.wait_s / total, 4) if total else None,
+            "img_s": round(timer.samples / total, 1) if total else None, "batches": timer.batches - skip}
+
+
+def bench_stream(repeats: int, batches: int, workers: int) -> dict:
+    """The default model trained on streamed data generated by ``workers`` DataLoader workers,
+    against the cached split read in the training process: the fraction of the training loop's
+    time spent waiting for the next batch, and the images per second trained."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_stream_cache_"))
+    batch = 64
+    common = [f"data.num_train={batches * batch}", f"data.batch_size={batch}", "data.num_val=64", "data.num_test=64",
+              f"data.cache_dir={cache_dir}"]
+    setups = {f"streaming_{workers}_workers": ["data.streaming=true", f"data.num_workers={workers}"],
+              "cached_0_workers": ["data.streaming=false", "data.num_workers=0"]}
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    try:
+        for _ in range(repeats):
+            for name, overrides in setups.items():
+                runs[name].append(_data_wait_run(common + overrides, skip=min(5, batches // 4)))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    result: dict = {"batches": batches, "batch_size": batch, "workers": workers, "repeats": repeats,
+                    "cpus": os.cpu_count()}
+    for name, name_runs in runs.items():
+        result[name] = {"runs": name_runs, "median_wait_fraction": _median([r["wait_fraction"] for r in name_runs]),
+                        "median_img_s": _median([r["img_s"] for r in name_runs])}
+    return result
+
+
 # ---- report ----------------------------------------------------------------------------
 def _f(value, digits: int = 4) -> str:
     return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
@@ -516,6 +614,23 @@ def _table(results: dict) -> str:
                      f"{h['p50_ms']:.1f} / {h['p99_ms']:.1f} ms | {target} |",
                      f"| | throughput | {h['req_s']:.0f} req/s ({h['requests']} requests, {h['errors']} errors) | |",
                      f"| | server RSS before / after | {h['server_rss_before_mb']} / {h['server_rss_after_mb']} MB | |"]
+    if "ddp" in results:
+        d = results["ddp"]
+        one, two = d["one_process"], d["two_processes"]
+        rows += [f"| DDP on CPU, default model, {d['num_train']} samples x {d['epochs']} epochs (median of "
+                 f"{d['repeats']}) | test seq acc, 1 process / 2 processes (gloo) | {_f(one['median_test_seq_acc'])} / "
+                 f"{_f(two['median_test_seq_acc'])} (difference {_f(d['seq_acc_difference'])}) | same accuracy |",
+                 f"| | wall time, 1 / 2 processes | {one['median_wall_s']} / {two['median_wall_s']} s | |",
+                 f"| | train throughput, 1 / 2 processes | {one['median_train_img_s']} / "
+                 f"{two['median_train_img_s']} img/s | |"]
+    if "stream" in results:
+        st = results["stream"]
+        for name in (k for k in st if isinstance(st[k], dict)):
+            wait = st[name]["median_wait_fraction"]
+            target = "<= 10% (trainer >= 90% busy)" if name.startswith("streaming") else ""
+            rows.append(f"| data wait, default model, {st['batches']} batches of {st['batch_size']}, "
+                        f"{name.replace('_', ' ')} (median of {st['repeats']}) | time waiting for data / img/s | "
+                        f"{'n/a' if wait is None else f'{wait:.1%}'} / {st[name]['median_img_s']} | {target} |")
     for key, (_, target) in TRAINING.items():
         if key in results:
             t = results[key]
@@ -559,7 +674,7 @@ def _table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", *TRAINING, "finetune", "parity")
+ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", *TRAINING, "ddp", "stream", "finetune", "parity")
 DEFAULT_BENCHMARKS = ALL_BENCHMARKS
 
 
@@ -576,12 +691,16 @@ def main(argv: list[str] | None = None) -> dict:
                         "train_default model, else the newest trained one under outputs/train)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the quick benchmarks")
     parser.add_argument("--train-repeats", type=int, default=1,
-                        help="repeats of each full training run (up to 20 min each)")
+                        help="repeats of each full training run (train_*: up to 20 min each; ddp: ~3 min per setup)")
     parser.add_argument("--gen-images", type=int, default=3000)
     parser.add_argument("--load-images", type=int, default=100_000)
     parser.add_argument("--http-seconds", type=float, default=30.0,
                         help="length of the HTTP load test in the onnx benchmark (0 skips it)")
     parser.add_argument("--http-clients", type=int, default=16, help="concurrent clients of the HTTP load test")
+    parser.add_argument("--ddp-samples", type=int, default=20_000, help="training samples per epoch of --only ddp")
+    parser.add_argument("--ddp-epochs", type=int, default=3, help="epochs of each --only ddp run")
+    parser.add_argument("--stream-batches", type=int, default=60, help="training batches timed by --only stream")
+    parser.add_argument("--stream-workers", type=int, default=2, help="DataLoader workers generating the stream")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = parser.parse_args(argv)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -604,6 +723,12 @@ def main(argv: list[str] | None = None) -> dict:
         if key in wanted:
             results[key] = bench_training(key.removeprefix("train_"), overrides, args.train_repeats, out_dir)
             _save(out_dir, results)
+    if "ddp" in wanted:
+        results["ddp"] = bench_ddp(args.train_repeats, args.ddp_samples, args.ddp_epochs, out_dir)
+        _save(out_dir, results)
+    if "stream" in wanted:
+        results["stream"] = bench_stream(args.repeats, args.stream_batches, args.stream_workers)
+        _save(out_dir, results)
     if "finetune" in wanted:
         results["finetune"] = bench_finetune(out_dir)
     if "parity" in wanted:

@@ -3,11 +3,13 @@ losses, decodes, and tracks per-character and whole-sequence metrics."""
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,6 +139,8 @@ class CaptchaModule(L.LightningModule):
         self.val_metrics = _stage_metrics(evaluation=True)
         self.test_metrics = _stage_metrics(evaluation=True)
         self.val_seq_acc_best = MaxMetric()
+        # Set by on_load_checkpoint when resuming, applied once training restarts.
+        self._resume_best: float | None = None
 
     # ---- inference -------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -225,22 +229,45 @@ class CaptchaModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A resumed run continues exactly like one that never stopped (same shuffling, augmentation,
+        # dropout, same best score) only with these, which Lightning does not keep.
+        checkpoint["rng_states"] = _rng_states()
+        if self.val_seq_acc_best.update_called:
+            checkpoint["val_seq_acc_best"] = float(self.val_seq_acc_best.compute())
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming with a new trainer.max_epochs changes the run's length: keep the scheduler's
         # progress but let its length follow this run (OneCycleLR raises past its old total).
         for state in checkpoint.get("lr_schedulers") or []:
             for key in ("total_steps", "_schedule_phases", "T_max"):
                 state.pop(key, None)
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # resuming, not testing or loading
+            # Restored now: Lightning creates the first resumed epoch's DataLoader iterator (which draws its
+            # shuffling seed) soon after, before any epoch hook; the sanity check in between keeps the RNGs.
+            if checkpoint.get("rng_states") is not None:
+                _set_rng_states(checkpoint["rng_states"])
+            self._resume_best = checkpoint.get("val_seq_acc_best")
 
     def on_train_start(self) -> None:
-        # Sanity-check validation must not count toward the best score.
+        # Sanity-check validation must not count toward the best score; a resumed run's earlier epochs do.
         self.val_seq_acc_best.reset()
+        if self._resume_best is not None:
+            self.val_seq_acc_best.update(torch.tensor(self._resume_best, device=self.device))
+            self._resume_best = None
+
+    def on_train_epoch_start(self) -> None:
+        # Streaming data draws new images every epoch: it needs to know which epoch this is before the
+        # epoch's iterator starts the workers (the first epoch of a fit gets it from the datamodule).
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         self.val_seq_acc_best(self.val_metrics["seq_acc"].compute())
-        self.log("val/seq_acc_best", self.val_seq_acc_best.compute(), prog_bar=False)
+        self.log("val/seq_acc_best", self.val_seq_acc_best.compute(), prog_bar=False, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         opt_cfg = dict(self.hparams.optimizer)
@@ -263,6 +290,27 @@ class CaptchaModule(L.LightningModule):
                 optimizer, T_max=max(total_steps, 1), eta_min=sched_cfg.get("eta_min", 0.0)
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _rng_states() -> dict:
+    """The global RNG states as tensors and plain values, so checkpoints still load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next],
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _check_optim(optimizer: dict, scheduler: dict) -> None:

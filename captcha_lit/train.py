@@ -5,6 +5,9 @@
     python -m captcha_lit.train -m optimizer=adam,adamw,sgd model=cnn,resnet
     python -m captcha_lit.train experiment=captcha_images_v2     # real images, labeled by file name
     python -m captcha_lit.train data=folder data.path=DIR init_from=PATH.ckpt   # fine-tune on a folder
+    python -m captcha_lit.train hparams_search=optuna                # Optuna search over lr, batch size, ...
+    python -m captcha_lit.train trainer=ddp trainer.accelerator=cpu trainer.devices=2   # DDP, 2 processes
+    python -m captcha_lit.train hydra.run.dir=outputs/mine resume=auto   # re-run: continue or skip
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, init_from_checkpoint, to_plain
 from captcha_lit.callbacks import RunTimeline
+from captcha_lit.distributed import ddp_job
+from captcha_lit.resume import resume_point
 from captcha_lit.utils import entry_point, flatten, output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -27,7 +34,10 @@ _PROCESS_START = time.time()
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, then test the best checkpoint; write and return metrics.json's content."""
+    """Fit, then test the best checkpoint; write and return metrics.json's content.
+
+    With ``resume=auto``, a run directory that holds a finished run returns its recorded
+    metrics without training, and one with ``checkpoints/last.ckpt`` continues from it."""
     start = time.time()
     out_dir = output_dir(cfg)
     if cfg.get("seed") is not None:
@@ -39,16 +49,10 @@ def train(cfg: DictConfig) -> dict:
         )
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path)
-    else:
-        ckpt_dir = Path(out_dir) / "checkpoints"
-        existing = sorted(ckpt_dir.glob("*.ckpt"))
-        if existing:
-            # Lightning would silently resume from them; make the choice explicit instead.
-            resume = ckpt_dir / "last.ckpt" if (ckpt_dir / "last.ckpt").exists() else existing[-1]
-            raise ValueError(
-                f"run directory {out_dir} already has checkpoints ({', '.join(p.name for p in existing)}); "
-                f"pass ckpt_path={resume} to resume, or train into a new directory"
-            )
+    ckpt_path, finished = resume_point(cfg, out_dir, is_rank_zero=rank_zero_only.rank == 0)
+    if finished is not None:
+        print(f"\nskipped: {out_dir} holds a finished run (resume=auto); its metrics stand")
+        return finished
 
     datamodule = build_datamodule(cfg.data, cfg.get("augmentation"))
     # The datamodule goes first: a folder dataset settles the charset that the model is built for.
@@ -64,28 +68,21 @@ def train(cfg: DictConfig) -> dict:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      enable_autolog_hparams=False)
+    if cfg.trainer.get("sync_batchnorm") and trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ValueError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU; "
+                         "pass trainer.sync_batchnorm=false")
     hparams = flatten(to_plain(cfg))
     hp_metrics = {"hp/val_seq_acc_best": 0.0, "hp/test_seq_acc": 0.0}
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams, metrics=hp_metrics) if _takes_metrics(lg) else lg.log_hyperparams(hparams)
 
     log.info("training %s on %s", cfg.model.name, trainer.accelerator.__class__.__name__)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    if trainer.interrupted:
-        ckpt = Path(out_dir) / "checkpoints"
-        raise KeyboardInterrupt(
-            f"training was interrupted; resume with ckpt_path={ckpt / 'last.ckpt'} "
-            f"(or {ckpt / 'interrupted.ckpt'})"
-        )
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-
+    with ddp_job("captcha_lit.train", out_dir):
+        fit_metrics, test_metrics = _fit_and_test(cfg, trainer, model, datamodule, ckpt_path, out_dir)
     ckpt_cb = trainer.checkpoint_callback
     best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
-    last_ckpt = getattr(ckpt_cb, "last_model_path", None) or None
-    test_metrics: dict = {}
-    if cfg.get("test"):
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt or None, weights_only=True)
-        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    last = Path(out_dir) / "checkpoints" / "last.ckpt"  # callbacks.last_checkpoint's, every epoch
+    last_ckpt = str(last) if last.exists() else None
 
     metrics = {
         **test_metrics,
@@ -95,6 +92,8 @@ def train(cfg: DictConfig) -> dict:
         "last_ckpt": last_ckpt,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "resumed_from": ckpt_path,
+        "world_size": trainer.world_size,
         "wall_time_s": round(time.time() - timeline.start_time, 2),
         "train_images_per_s": round(timeline.throughput, 1) if timeline.throughput else None,
         "timeline": timeline.points,
@@ -110,6 +109,25 @@ def train(cfg: DictConfig) -> dict:
         print("\n".join(["", "final metrics:"] + [f"  {k:<22} {v}" for k, v in summary.items()]
                         + [f"  best checkpoint        {best_ckpt}", f"  run directory          {out_dir}"]))
     return metrics
+
+
+def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_path: str | None,
+                  out_dir: str) -> tuple[dict, dict]:
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.interrupted:
+        ckpt = Path(out_dir) / "checkpoints"
+        raise KeyboardInterrupt(
+            f"training was interrupted; re-run the same command with resume=auto (and the same hydra.run.dir) "
+            f"to continue from {ckpt / 'last.ckpt'}, or pass ckpt_path={ckpt / 'interrupted.ckpt'}"
+        )
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    test_metrics: dict = {}
+    if cfg.get("test"):
+        ckpt_cb = trainer.checkpoint_callback
+        best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return fit_metrics, test_metrics
 
 
 def _takes_metrics(logger) -> bool:

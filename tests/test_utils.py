@@ -4,7 +4,8 @@ import json
 import pytest
 import yaml
 
-from captcha_lit.summary import collect, to_markdown, write_summary
+from captcha_lit.report import collect, main as report_main, write_report
+from captcha_lit.summary import main as summary_main
 from captcha_lit.utils import entry_point, flatten, write_json
 
 
@@ -72,21 +73,37 @@ def _job(sweep, num, overrides, metrics=None):
         (job / "metrics.json").write_text(json.dumps(metrics))
 
 
-def test_sweep_summary_lists_every_job_in_order(tmp_path):
+def test_sweep_report_sorts_best_first_and_lists_every_job(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    _job(sweep, 0, ["model=cnn"], {"test/seq_acc": 0.5, "best_ckpt": "a.ckpt"})
-    _job(sweep, 10, ["model=resnet"], {"test/seq_acc": 0.75})
-    _job(sweep, 2, ["model=crnn", "optimizer=sgd"])  # still running or crashed
+    _job(sweep, 0, ["model=cnn", "seed=1"], {"val/seq_acc_best": 0.5, "test/seq_acc": 0.4, "best_ckpt": "a.ckpt"})
+    _job(sweep, 10, ["model=resnet", "seed=1"], {"val/seq_acc_best": 0.75, "test/seq_acc": 0.3})
+    _job(sweep, 2, ["model=crnn", "seed=1", "optimizer=sgd"])  # still running or crashed
     rows = collect(sweep)
     assert [r["job"] for r in rows] == ["0", "2", "10"]  # numeric, not lexical, order
     assert [r["status"] for r in rows] == ["done", "unfinished", "done"]
-    assert rows[1]["overrides"] == "model=crnn optimizer=sgd"
+    assert rows[1]["overrides"] == "model=crnn seed=1 optimizer=sgd"
 
-    write_summary(sweep)
+    rows, text = write_report(sweep)
+    assert [r["job"] for r in rows] == ["10", "0", "2"]  # best val/seq_acc_best first, unfinished last
     with open(sweep / "summary.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert [r["overrides"] for r in table] == ["model=cnn", "model=crnn optimizer=sgd", "model=resnet"]
-    assert table[0]["test/seq_acc"] == "0.5" and table[0]["best_ckpt"] == "a.ckpt"
+    assert [r["model"] for r in table] == ["resnet", "cnn", "crnn"]  # a column per override
+    assert [r["optimizer"] for r in table] == ["", "", "sgd"]
+    assert table[1]["test/seq_acc"] == "0.4" and table[1]["best_ckpt"] == "a.ckpt"
     md = (sweep / "summary.md").read_text()
-    assert "| 0 | model=cnn | done | 0.5000 |" in md
-    assert md == to_markdown(rows)
+    assert md.startswith("overrides of every job: seed=1\n")  # shared overrides once, above the table
+    assert "| job | status | val/seq_acc_best | test/seq_acc |" in md
+    assert "| 10 | done | 0.7500 | 0.3000 |" in md and md.rstrip().endswith("| crnn | sgd |")
+    assert "sorted by val/seq_acc_best (highest first)" in text and md in text
+
+    rows, _ = write_report(sweep, sort="test/seq_acc")
+    assert [r["job"] for r in rows] == ["0", "10", "2"]
+    rows, _ = write_report(sweep, sort="test/seq_acc", ascending=True)
+    assert [r["job"] for r in rows] == ["10", "0", "2"]
+
+    (sweep / "optimization_results.yaml").write_text(
+        yaml.safe_dump({"name": "optuna", "best_params": {"optimizer.lr": 0.003}, "best_value": 0.75}))
+    report_main([str(sweep)])
+    assert "optuna best: 0.7500 with optimizer.lr=0.003" in capsys.readouterr().out
+    summary_main([str(sweep)])  # the old name still works
+    assert "| 10 | done |" in capsys.readouterr().out

@@ -4,6 +4,8 @@
 on disk; ``setup`` (every process) memory-maps the cached arrays. The train, val
 and test splits are drawn from disjoint seed streams, and the test split uses its
 own fixed seed, so every run and every sweep job is scored on the same images.
+With ``streaming=True`` the train split is not stored: the DataLoader workers
+generate it on the fly, new images every epoch (``captcha_lit.data.streaming``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import replace
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
+from captcha_lit.data.streaming import StreamingCaptchaDataset
 from captcha_lit.data.synthetic import GeneratorSpec, generate, resolve_fonts
 from captcha_lit.data.transforms import TrainPreset, to_chw_uint8
 
@@ -69,10 +72,17 @@ class ArrayLoaders:
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        # Workers are not persistent: each epoch starts them afresh from the global RNG, as a resumed
+        # run does, so a run resumed from a checkpoint continues exactly like one never stopped.
+        if isinstance(dataset, IterableDataset):  # a stream shards itself over DDP ranks and workers
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                dataset.set_partition(trainer.global_rank, trainer.world_size)
+            return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=False)
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train and len(self.datasets[split]) > self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=False,
+            dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers, pin_memory=False,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -127,6 +137,7 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        streaming: bool = False,
         augmentation: dict | None = None,
     ):
         super().__init__()
@@ -152,6 +163,11 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
                             "val": self.spec, "test": self.spec}
         self.max_length = int(max_length)
         self.splits = {"train": (int(num_train), seed), "val": (int(num_val), seed), "test": (int(num_test), test_seed)}
+        self.streaming = bool(streaming)
+        self._stream_epoch = 0  # the first epoch of a stream (a resumed run's, from its checkpoint)
+        if self.streaming and int(num_train) < batch_size:
+            raise ValueError(f"data.num_train={num_train} (samples per epoch when streaming) is less than one "
+                             f"batch of data.batch_size={batch_size}; raise num_train")
         self.cache_dir = cache_dir
         self.gen_workers = gen_workers
         self._init_loaders(batch_size, eval_batch_size, num_workers, augmentation)
@@ -173,14 +189,36 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         """The charset and length range the model must be built for."""
         return {"charset": self.charset.chars, "min_length": self.spec.min_length, "max_length": self.max_length}
 
+    def state_dict(self) -> dict:
+        """In checkpoints: the epoch a resumed stream continues with. Lightning starts the first resumed
+        epoch's workers before any epoch hook runs, so the stream must know it from here."""
+        trainer = getattr(self, "trainer", None)
+        if not self.streaming or trainer is None:
+            return {}
+        finished = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # saved at the end of the epoch
+        return {"stream_epoch": trainer.current_epoch + int(finished)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._stream_epoch = int(state_dict.get("stream_epoch", 0))
+        if isinstance(self.datasets.get("train"), StreamingCaptchaDataset):
+            self.datasets["train"].set_epoch(self._stream_epoch)
+
     def prepare_data(self) -> None:
         for split in self.splits:
-            self._split(split)
+            if not (split == "train" and self.streaming):
+                self._split(split)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, tuple(self.splits)) if stage else tuple(self.splits):
-            if split not in self.datasets:
+            if split in self.datasets:
+                continue
+            transform = self.train_transform if split == "train" else None
+            if split == "train" and self.streaming:
+                count, seed = self.splits["train"]
+                self.datasets[split] = StreamingCaptchaDataset(self.split_specs["train"], seed, count, self.batch_size, self.charset,
+                                                               self.max_length, transform)
+                self.datasets[split].set_epoch(self._stream_epoch)
+            else:
                 texts, images = self._split(split)
-                transform = self.train_transform if split == "train" else None
                 self.datasets[split] = CaptchaArrayDataset(images, texts, self.charset, self.max_length, transform)

@@ -40,12 +40,38 @@ class EvalPreset:
         return self.normalize(self.to_float(image))
 
 
+def scaled_strengths(strength: float = 1.0, **params) -> dict:
+    """Multiply every augmentation magnitude by ``strength``: the angles, shifts, the scale
+    range's distance from 1, the color jitter, the noise and the blur/erase/grayscale
+    probabilities (capped at 1). ``p`` stays as it is. One number to sweep: 0 turns
+    augmentation off, 1 applies the config as written, 2 doubles it."""
+    if not isinstance(strength, (int, float)) or strength < 0:
+        raise ValueError(f"augmentation.strength={strength!r} must be a number >= 0 "
+                         "(0 turns augmentation off, 1 applies the strengths as written)")
+    strength = float(strength)
+    out = dict(params)  # insertion order is kept, so callers can unpack .values()
+    for key in ("rotation", "shear", "brightness", "contrast", "saturation", "noise_std"):
+        if key in out:
+            out[key] = float(out[key]) * strength
+    if "hue" in out:
+        out["hue"] = min(float(out["hue"]) * strength, 0.5)  # a hue shift wraps around at 0.5
+    if "translate" in out:
+        out["translate"] = tuple(float(v) * strength for v in out["translate"])
+    if "scale" in out:
+        out["scale"] = tuple(1.0 + (float(v) - 1.0) * strength for v in out["scale"])
+    for key in ("blur_prob", "erase_prob", "grayscale_prob"):
+        if key in out:
+            out[key] = min(float(out[key]) * strength, 1.0)
+    return out
+
+
 class TrainPreset:
     """Per-sample augmentation with torchvision.transforms.v2, uint8 in and uint8 out.
 
     Used with ``augmentation.backend=torchvision`` inside DataLoader workers; the
     module then applies ``EvalPreset``'s normalization to the batch. Every strength
-    is a plain number, and 0 turns that augmentation off.
+    is a plain number, and 0 turns that augmentation off; ``strength`` scales them all
+    (see ``scaled_strengths``).
     """
 
     def __init__(
@@ -64,9 +90,14 @@ class TrainPreset:
         erase_prob: float = 0.0,
         grayscale_prob: float = 0.0,
         p: float = 1.0,
+        strength: float = 1.0,
     ):
+        (rotation, translate, scale, shear, brightness, contrast, saturation, hue, noise_std, blur_prob, erase_prob,
+         grayscale_prob) = scaled_strengths(
+            strength, rotation=rotation, translate=translate, scale=scale, shear=shear, brightness=brightness,
+            contrast=contrast, saturation=saturation, hue=hue, noise_std=noise_std, blur_prob=blur_prob,
+            erase_prob=erase_prob, grayscale_prob=grayscale_prob).values()
         ops: list = []
-        translate, scale = tuple(translate), tuple(scale)
         if rotation or any(translate) or scale != (1.0, 1.0) or shear:
             ops.append(v2.RandomApply([v2.RandomAffine(
                 degrees=rotation, translate=translate if any(translate) else None,
@@ -108,8 +139,14 @@ class BatchAugment(torch.nn.Module):
     def __init__(self, *, rotation: float = 0.0, translate: Sequence[float] = (0.0, 0.0),
                  scale: Sequence[float] = (1.0, 1.0), shear: float = 0.0, brightness: float = 0.0,
                  contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0, noise_std: float = 0.0,
-                 blur_prob: float = 0.0, erase_prob: float = 0.0, grayscale_prob: float = 0.0, p: float = 1.0):
+                 blur_prob: float = 0.0, erase_prob: float = 0.0, grayscale_prob: float = 0.0, p: float = 1.0,
+                 strength: float = 1.0):
         super().__init__()
+        (rotation, translate, scale, shear, brightness, contrast, saturation, hue, noise_std, blur_prob, erase_prob,
+         grayscale_prob) = scaled_strengths(
+            strength, rotation=rotation, translate=translate, scale=scale, shear=shear, brightness=brightness,
+            contrast=contrast, saturation=saturation, hue=hue, noise_std=noise_std, blur_prob=blur_prob,
+            erase_prob=erase_prob, grayscale_prob=grayscale_prob).values()
         self.rotation, self.shear = float(rotation), float(shear)
         self.translate, self.scale = tuple(float(v) for v in translate), tuple(float(v) for v in scale)
         self.brightness, self.contrast, self.saturation, self.hue = map(float, (brightness, contrast, saturation, hue))
@@ -151,16 +188,16 @@ class BatchAugment(torch.nn.Module):
             x = self._affine(x)
         gray_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         if self.brightness:
-            factor = self._uniform(b, 1 - self.brightness, 1 + self.brightness, x).view(b, 1, 1, 1)
+            factor = self._uniform(b, max(0.0, 1 - self.brightness), 1 + self.brightness, x).view(b, 1, 1, 1)
             mask = self._apply_mask(b, self.p, x)
             x = x * (1 + mask * (factor - 1))
         if self.contrast:
-            factor = self._uniform(b, 1 - self.contrast, 1 + self.contrast, x).view(b, 1, 1, 1)
+            factor = self._uniform(b, max(0.0, 1 - self.contrast), 1 + self.contrast, x).view(b, 1, 1, 1)
             mask = self._apply_mask(b, self.p, x)
             mean = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
             x = x + mask * (factor - 1) * (x - mean)
         if self.saturation:
-            factor = self._uniform(b, 1 - self.saturation, 1 + self.saturation, x).view(b, 1, 1, 1)
+            factor = self._uniform(b, max(0.0, 1 - self.saturation), 1 + self.saturation, x).view(b, 1, 1, 1)
             mask = self._apply_mask(b, self.p, x)
             gray = (x * gray_weights).sum(1, keepdim=True)
             x = x + mask * (factor - 1) * (x - gray)
