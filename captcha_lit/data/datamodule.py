@@ -216,8 +216,8 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
             transform = self.train_transform if split == "train" else None
             if split == "train" and self.streaming:
                 count, seed = self.splits["train"]
-                self.datasets[split] = StreamingCaptchaDataset(self.split_specs["train"], seed, count, self.batch_size, self.charset,
-                                                               self.max_length, transform)
+                self.datasets[split] = StreamingCaptchaDataset(self.split_specs["train"], seed, count, self.batch_size,
+                                                               self.charset, self.max_length, transform)
                 self.datasets[split].set_epoch(self._stream_epoch)
             else:
                 texts, images = self._split(split)
