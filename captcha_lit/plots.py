@@ -192,7 +192,9 @@ def position_accuracy_figure(report: ErrorReport, title: str = "Accuracy per cha
     for bar, row in zip(bars, rows):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{row['accuracy']:.3f}\nn={row['count']}",
                 ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(0, 1.15)
+    # Near-perfect positions differ in the second decimal: start the axis just below the worst one.
+    lowest = min(accuracy, default=0.0)
+    ax.set_ylim(0 if lowest < 0.5 else np.floor((lowest - 0.02) * 20) / 20, 1.04 + (1 - lowest) * 0.15)
     ax.set_xticks(positions)
     ax.set_xlabel("position in the true text")
     ax.set_ylabel("accuracy")
@@ -211,10 +213,16 @@ def _label_colors(labels: Sequence[str]) -> dict[str, tuple]:
 
 def tsne_figure(coords: np.ndarray, panels: Sequence[tuple[str, Sequence[str]]], title: str):
     """One scatter panel per (panel title, label of each point) over the same 2-D coordinates; each
-    point is drawn as its label, so clusters read as characters. An empty label is drawn as a gray dot."""
-    fig = _figure(6.5 * len(panels), 6.5)
+    point is drawn as its label, so clusters read as characters, and a label whose points form one
+    cluster is also written large at its center. An empty label is drawn as a gray dot."""
+    from matplotlib import patheffects
+
+    extent = float(np.ptp(coords, axis=0).max()) if len(coords) else 1.0
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(6.0 * columns, 6.0 * rows + 0.4)
     for k, (panel_title, labels) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax = fig.add_subplot(rows, columns, k + 1)
         labels = list(labels)
         colors = _label_colors([label for label in labels if label])
         empty = [i for i, label in enumerate(labels) if not label]
@@ -226,6 +234,10 @@ def tsne_figure(coords: np.ndarray, panels: Sequence[tuple[str, Sequence[str]]],
             marker = f"$\\mathrm{{{_mathtext_escape(label)}}}$"
             ax.scatter(coords[index, 0], coords[index, 1], s=36 if len(label) == 1 else 60, marker=marker,
                        color=color, linewidths=0, alpha=0.8)
+            center = np.median(coords[index], axis=0)
+            if len(index) >= 3 and np.median(np.linalg.norm(coords[index] - center, axis=1)) < 0.05 * extent:
+                ax.text(center[0], center[1], label, fontsize=13, weight="bold", color=color, ha="center",
+                        va="center", path_effects=[patheffects.withStroke(linewidth=3, foreground="white")])
         ax.set_title(panel_title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
