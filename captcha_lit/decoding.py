@@ -147,6 +147,34 @@ def _prefix_beam_search(log_probs: np.ndarray, blank: int, beam_width: int) -> t
 def _aligned_confidences(log_probs: np.ndarray, text: tuple[int, ...], blank: int) -> tuple[list[float], list[float]]:
     """Viterbi-align ``text`` to one (T, C+1) row -> (each character's highest probability over
     the steps aligned to it, the probability of every step of the best alignment)."""
+    path, step_log_probs = _viterbi_path(log_probs, text, blank)
+    probs = np.exp(step_log_probs)
+    confs = [0.0] * len(text)
+    for state, p in zip(path, probs):
+        if state % 2 == 1:
+            confs[state // 2] = max(confs[state // 2], float(p))
+    return confs, probs.tolist()
+
+
+def ctc_character_steps(logits, texts: list[list[int]], blank: int) -> list[list[int]]:
+    """(B, T, C+1) logits and each sample's text as class indices -> for each character, the step of
+    the text's best alignment (Viterbi) at which that character is most probable; [] where the
+    text cannot be aligned (it needs more steps than there are)."""
+    steps = []
+    for row, text in zip(_log_softmax(logits), texts):
+        path, step_log_probs = _viterbi_path(row, tuple(text), blank)
+        best = [-1] * len(text)
+        for t, (state, lp) in enumerate(zip(path, step_log_probs)):
+            if state % 2 == 1 and (best[state // 2] < 0 or lp > step_log_probs[best[state // 2]]):
+                best[state // 2] = t
+        # A text longer than the row fits no path: the backtrace then skips some of its characters.
+        steps.append(best if min(best, default=0) >= 0 else [])
+    return steps
+
+
+def _viterbi_path(log_probs: np.ndarray, text: tuple[int, ...], blank: int) -> tuple[list[int], np.ndarray]:
+    """The best alignment of ``text`` to one (T, C+1) row of log-probabilities -> the state of each step
+    (2i+1: the text's character i; even: a blank) and each step's log-probability on that path."""
     states = [blank]
     for c in text:
         states += [c, blank]
@@ -173,9 +201,4 @@ def _aligned_confidences(log_probs: np.ndarray, text: tuple[int, ...], blank: in
     for t in range(num_steps - 1, 0, -1):
         path.append(int(back[t, path[-1]]))
     path.reverse()
-    probs = np.exp(emit[np.arange(num_steps), path])
-    confs = [0.0] * len(text)
-    for state, p in zip(path, probs):
-        if state % 2 == 1:
-            confs[state // 2] = max(confs[state // 2], float(p))
-    return confs, probs.tolist()
+    return path, emit[np.arange(num_steps), path]

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from captcha_lit.builders import build_datamodule, checkpoint_data_config, load_module, to_plain
+from captcha_lit.callbacks import ErrorAnalysis, written_files
 from captcha_lit.utils import entry_point, output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -47,29 +48,43 @@ def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> d
     return data
 
 
+def set_beam_width(module, beam_width: int | None) -> None:
+    """``beam_width=N`` on the command line replaces the checkpoint's; null keeps it."""
+    if beam_width is None:
+        return
+    width = int(beam_width)
+    if width < 1:
+        raise ValueError(f"beam_width={width} must be at least 1 (1: greedy decoding)")
+    if width > 1 and module.decoder != "ctc":
+        raise ValueError(f"beam_width={width} applies to CTC models; this checkpoint is a "
+                         f"{module.hparams.arch!r} model, which reads one character per position")
+    module.beam_width = width
+
+
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     start = time.time()
     out_dir = output_dir(cfg)
     module, state = load_module(cfg.ckpt_path)
-    if cfg.get("beam_width") is not None:
-        width = int(cfg.beam_width)
-        if width < 1:
-            raise ValueError(f"beam_width={width} must be at least 1 (1: greedy decoding)")
-        if width > 1 and module.decoder != "ctc":
-            raise ValueError(f"beam_width={width} applies to CTC models; this checkpoint is a "
-                             f"{module.hparams.arch!r} model, which reads one character per position")
-        module.beam_width = width
+    set_beam_width(module, cfg.get("beam_width"))
     data = resolve_data_config(cfg, state, overrides or [])
     datamodule = build_datamodule(data)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+    callbacks = []
+    if cfg.get("error_analysis") is not None:
+        callbacks.append(ErrorAnalysis(dirpath=out_dir, top_pairs=cfg.error_analysis.top_pairs))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False,
                                      enable_autolog_hparams=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "num_test": len(datamodule.datasets["test"]),
                     "beam_width": module.beam_width if module.decoder == "ctc" else None,
-                    "wall_time_s": round(time.time() - start, 2)})
+                    "wall_time_s": round(time.time() - start, 2), "plots": written_files(callbacks)})
     write_json(Path(out_dir) / "metrics.json", metrics)
-    print("\n".join(["", "test metrics:"] + [f"  {k:<16} {v}" for k, v in metrics.items()]))
+    print("\n".join(["", "test metrics:"] + [f"  {k:<16} {v}" for k, v in metrics.items() if k != "plots"]))
+    report = callbacks[0].report if callbacks else None
+    if report is not None:
+        pairs = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report.confused_pairs(5))
+        print(f"  {'most confused':<16} {pairs or 'none'}\n  {'error analysis':<16} {out_dir}/confusion.png, "
+              "confused_pairs.md, position_accuracy.png")
     return metrics
 
 

@@ -195,7 +195,8 @@ class CaptchaModule(L.LightningModule):
             targets = targets.masked_fill(targets < 0, self.end_class)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
-    def _shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, list[str] | None, Decoded]:
+        """Loss, metrics and logging of one batch -> (loss, the decoded texts (val and test only), the decoding)."""
         images, targets, lengths = batch["image"], batch["target"], batch["length"]
         logits = self(images)
         loss = self.compute_loss(logits, targets, lengths)
@@ -210,6 +211,7 @@ class CaptchaModule(L.LightningModule):
         if "pos_acc" in metrics:
             metrics["len_acc"].update(match.same_length)
             metrics["pos_acc"].update(match.positions)
+        preds = None
         if "cer" in metrics:
             preds = [self.charset.decode(row) for row in decoded.indices]
             truths = [self.charset.decode(row) for row in targets.tolist()]
@@ -218,16 +220,20 @@ class CaptchaModule(L.LightningModule):
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=on_step and name == "loss", on_epoch=True,
                      prog_bar=name in ("loss", "seq_acc"), batch_size=images.shape[0])
-        return loss
+        return loss, preds, decoded
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")[0]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    # Val and test return their texts and confidences, so callbacks (the prediction gallery, the
+    # error analysis) reuse this decoding instead of running the model again.
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        _, preds, decoded = self._shared_step(batch, "val")
+        return {"preds": preds, "confidences": decoded.seq_conf}
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        _, preds, decoded = self._shared_step(batch, "test")
+        return {"preds": preds, "confidences": decoded.seq_conf}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run continues exactly like one that never stopped (same shuffling, augmentation,

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, init_from_checkpoint, to_plain
-from captcha_lit.callbacks import RunTimeline
+from captcha_lit.callbacks import RunTimeline, written_files
 from captcha_lit.distributed import ddp_job
 from captcha_lit.resume import resume_point
 from captcha_lit.utils import entry_point, flatten, output_dir, write_json
@@ -97,6 +97,7 @@ def train(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - timeline.start_time, 2),
         "train_images_per_s": round(timeline.throughput, 1) if timeline.throughput else None,
         "timeline": timeline.points,
+        "plots": written_files(trainer.callbacks),
     }
     for lg in trainer.loggers:
         lg.log_metrics({"hp/val_seq_acc_best": metrics["val/seq_acc_best"] or 0.0,
@@ -107,7 +108,9 @@ def train(cfg: DictConfig) -> dict:
         summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k in ("wall_time_s", "train_images_per_s")}
         log.info("final metrics: %s", summary)
         print("\n".join(["", "final metrics:"] + [f"  {k:<22} {v}" for k, v in summary.items()]
-                        + [f"  best checkpoint        {best_ckpt}", f"  run directory          {out_dir}"]))
+                        + [f"  best checkpoint        {best_ckpt}", f"  run directory          {out_dir}"]
+                        + [f"  pictures               {folder}" for folder in sorted({str(Path(p).parent)
+                                                                                     for p in metrics["plots"]})]))
     return metrics
 
 

@@ -39,6 +39,13 @@ class EvalPreset:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.to_float(image))
 
+    def to_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized float images -> uint8, the inverse of ``__call__``: for showing what the model saw."""
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.normalize.mean, dtype=images.dtype, device=images.device).view(shape)
+        std = torch.tensor(self.normalize.std, dtype=images.dtype, device=images.device).view(shape)
+        return (images.detach() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
 
 def scaled_strengths(strength: float = 1.0, **params) -> dict:
     """Multiply every augmentation magnitude by ``strength``: the angles, shifts, the scale

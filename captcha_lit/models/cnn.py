@@ -13,6 +13,8 @@ from captcha_lit.models.registry import register_model
 
 class CaptchaCNN(nn.Module):
     decoder = "positional"
+    # Every position's head reads the same flattened vector (see FlattenHeads).
+    shared_position_features = True
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
                  convs_per_stage: int, hidden: int, dropout: float, in_channels: int = 3):

@@ -7,6 +7,11 @@ A builder takes ``num_classes`` (charset size, without any blank), ``max_length`
 shape (B, T, num_classes + 1), blank last), and an ``output_class_dims()`` method
 naming the parameters indexed by output class and the dimension of that index, so
 fine-tuning can map them from one charset to another.
+
+``forward_features(x)`` returns the features the classifier reads: (B, T, D) per time
+step for CTC models, (B, max_length, D) per position for positional ones. A positional
+model whose positions all read one shared vector sets ``shared_position_features = True``,
+so feature plots (``captcha_lit.visualize``) treat it as one point per image.
 """
 
 from __future__ import annotations

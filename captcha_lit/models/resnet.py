@@ -84,6 +84,11 @@ class CaptchaResNet(nn.Module):
         else:
             raise ValueError(f"model.head={head!r} is not a head of 'resnet'; use 'attention' or 'flatten'")
 
+    @property
+    def shared_position_features(self) -> bool:
+        """The flatten head gives every position the same vector; attention reads one per position."""
+        return self.head_kind == "flatten"
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head.features(self.neck(self.backbone(x)))
 
