@@ -54,12 +54,21 @@ class CaptchaArrayDataset(Dataset):
                 "text": self.texts[index]}
 
 
+def check_input_size(input_size: Sequence[int]) -> None:
+    if len(input_size) != 2 or min(input_size) < 8:
+        raise ValueError(f"data.input_size={list(input_size)} must be [height, width], each at least 8")
+
+
 class ArrayLoaders:
     """DataLoaders over ``self.datasets[split]``, shared by the synthetic and folder datamodules."""
 
     datasets: dict
 
     def _init_loaders(self, batch_size: int, eval_batch_size: int, num_workers: int, augmentation: dict | None) -> None:
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
         self.num_workers = int(num_workers)
@@ -146,12 +155,7 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if int(value) < 1:
                 raise ValueError(f"data.{name}={value} must be at least 1")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
-        if len(input_size) != 2 or min(input_size) < 8:
-            raise ValueError(f"data.input_size={list(input_size)} must be [height, width], each at least 8")
+        check_input_size(input_size)
         self.charset = Charset(charset)
         self.spec = GeneratorSpec(
             charset=self.charset.chars, min_length=int(min_length), max_length=int(max_length),

@@ -31,7 +31,7 @@ import numpy as np
 
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
-from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset
+from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
 from captcha_lit.preprocess import ImageDecodeError, load_input
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             )
         if train_limit is not None and int(train_limit) < 1:
             raise ValueError(f"data.train_limit={train_limit} must be null (all) or at least 1")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
-        if len(input_size) != 2 or min(input_size) < 8:
-            raise ValueError(f"data.input_size={list(input_size)} must be [height, width], each at least 8")
+        check_input_size(input_size)
         for name, value in (("min_length", min_length), ("max_length", max_length)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"data.{name}={value}: CAPTCHA length must be at least 1")
