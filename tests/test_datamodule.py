@@ -118,3 +118,19 @@ def test_same_config_is_reproducible(cache_dir, tmp_path):
 def test_bad_config_raises_clear_error(cache_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _dm(cache_dir, **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"batch_size": 0}, "data.batch_size=0"),
+    ({"num_workers": -1}, "data.num_workers=-1"),
+    ({"input_size": (4, 96)}, r"data.input_size=\[4, 96\]"),
+])
+def test_bad_loader_settings_are_named(tmp_path, kwargs, match):
+    from captcha_lit.data.datamodule import CaptchaDataModule
+    from captcha_lit.data.folder import FolderDataModule
+
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(ValueError, match=match):
+        CaptchaDataModule(cache_dir=str(tmp_path), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        FolderDataModule(path=str(tmp_path / "imgs"), cache_dir=str(tmp_path), **kwargs)
