@@ -10,7 +10,8 @@ exported model answer identically; inference runs on ``captcha_lit.runtime``.
     curl -H 'Content-Type: application/json' -d '{"image": "<base64>"}' http://127.0.0.1:8000/v1/solve
 
 Endpoints: POST /v1/solve, POST /v1/solve/batch, GET /v1/model, GET /health, and the
-OpenAPI docs at /docs. Set CAPTCHA_LIT_API_KEY to require that key in the X-API-Key
+OpenAPI docs at /docs. ``workers=auto`` (the default) runs one server process per core on
+the port; ``workers=1`` serves from this process alone. Set CAPTCHA_LIT_API_KEY to require that key in the X-API-Key
 header of every /v1 request.
 """
 
@@ -304,6 +305,9 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
             raise HTTPException(401, "missing or wrong API key; send it in the X-API-Key header",
                                 headers={"WWW-Authenticate": "ApiKey"})
 
+    # Without a key there is nothing to check: no dependency at all (it costs ~10% of a request).
+    guard = [Depends(check_key)] if api_key else []
+
     def solve_images(items: list[tuple[str, bytes]]) -> list[dict]:
         """Decode each image (errors per image), then solve the good ones in one batch."""
         results: list[dict] = []
@@ -325,9 +329,9 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
 
     @app.get("/health", tags=["service"])
     async def health() -> dict:
-        return {"status": "ok", "model_id": solver.model_id}
+        return {"status": "ok", "model_id": solver.model_id, "pid": os.getpid()}  # pid: which worker answered
 
-    @app.get("/v1/model", tags=["service"], dependencies=[Depends(check_key)], responses={401: _ERRORS[401]})
+    @app.get("/v1/model", tags=["service"], dependencies=guard, responses={401: _ERRORS[401]})
     async def model() -> dict:
         info = solver.info
         return {"model_id": solver.model_id, "arch": info.arch, "decoder": info.decoder, "charset": info.charset,
@@ -336,7 +340,7 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
                 "version": __version__, "max_body_bytes": max_body_bytes, "max_batch": max_batch,
                 "max_image_pixels": solver.max_pixels}
 
-    @app.post("/v1/solve", tags=["solve"], response_model=SolveResponse, dependencies=[Depends(check_key)],
+    @app.post("/v1/solve", tags=["solve"], response_model=SolveResponse, dependencies=guard,
               responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": _IMAGE_BODY}})
     async def solve(request: Request) -> dict:
         """Solve one image: multipart field `file`, JSON `{"image": base64}`, or a raw image/* body."""
@@ -348,7 +352,7 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         return {**result, "model_id": solver.model_id, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
 
     @app.post("/v1/solve/batch", tags=["solve"], response_model=BatchResponse, response_model_exclude_none=True,
-              dependencies=[Depends(check_key)],
+              dependencies=guard,
               responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": _BATCH_BODY}})
     async def solve_batch(request: Request) -> dict:
         """Solve several images: multipart fields `files`, or a JSON list of base64 strings (or
@@ -365,37 +369,159 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
 
 
 # ---- entry point ------------------------------------------------------------------------------
-def load_solver(model_path: str, *, threads: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                parity_images: int = 32, spinning: bool = False) -> Solver:
-    """A Solver for a .onnx model, or for a checkpoint exported to ONNX in a temporary folder."""
+WORKER_ENV = "CAPTCHA_LIT_SERVE_WORKER"  # the serving spec handed to uvicorn's worker processes
+
+
+def onnx_model(model_path: str, out_dir: str | os.PathLike, *, parity_images: int = 32) -> Path:
+    """The .onnx file to serve: ``model_path`` itself, or a checkpoint exported (and
+    parity-checked against PyTorch) into ``out_dir``."""
     path = check_model_file(model_path)
     if path.suffix.lower() == ".onnx":
-        return Solver(path, threads=threads, max_pixels=max_pixels, spinning=spinning)
+        return path
     from captcha_lit.builders import load_module
     from captcha_lit.export import export_onnx
 
     module, state = load_module(path)
+    out = Path(out_dir) / f"{path.stem}.onnx"
+    report = export_onnx(module, state, out, parity_images=parity_images, ckpt_path=str(path))
+    log.info("exported %s to ONNX: texts agree %.1f%%, largest logit difference %.2e", path,
+             100 * report["text_agreement"], report["max_abs_logit_diff"])
+    return out
+
+
+def load_solver(model_path: str, *, threads: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                parity_images: int = 32, spinning: bool = False) -> Solver:
+    """A Solver for a .onnx model, or for a checkpoint exported to ONNX in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="captcha_lit_serve_") as tmp:
-        report = export_onnx(module, state, Path(tmp) / f"{path.stem}.onnx", parity_images=parity_images,
-                             ckpt_path=str(path))
-        log.info("exported %s to ONNX: texts agree %.1f%%, largest logit difference %.2e", path,
-                 100 * report["text_agreement"], report["max_abs_logit_diff"])
-        return Solver(Path(tmp) / f"{path.stem}.onnx", threads=threads, max_pixels=max_pixels, spinning=spinning)
+        # onnxruntime reads the whole model at session creation, so the folder can go afterwards.
+        return Solver(onnx_model(model_path, tmp, parity_images=parity_images), threads=threads,
+                      max_pixels=max_pixels, spinning=spinning)
+
+
+def resolve_workers(value: Any) -> int:
+    """``workers``: a positive count, or ``auto`` for one server process per core."""
+    if value is None or str(value).lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        workers = int(value)
+    except (TypeError, ValueError):
+        workers = 0
+    if workers < 1 or str(workers) != str(value).strip():
+        raise ValueError(f"workers={value!r}: give a whole number of server processes >= 1, or auto")
+    return workers
+
+
+def _app_from_spec(spec: dict) -> FastAPI:
+    solver = Solver(spec["onnx"], threads=spec["threads"], max_pixels=spec["max_pixels"], spinning=spec["spinning"])
+    return create_app(solver, max_body_bytes=spec["max_body_bytes"], max_batch=spec["max_batch"],
+                      api_key=os.environ.get(API_KEY_ENV) or None, micro_batch=spec["micro_batch"])
+
+
+def worker_app() -> FastAPI:
+    """uvicorn's app factory for its own worker processes (platforms without SO_REUSEPORT)."""
+    return _app_from_spec(json.loads(os.environ[WORKER_ENV]))
+
+
+def _run_worker(spec: dict, run: dict, sock) -> None:
+    """One server process on its own SO_REUSEPORT socket."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(_app_from_spec(spec), **run)).run(sockets=[sock])
+
+
+def _listening_sockets(host: str, port: int, count: int) -> list:
+    """``count`` sockets bound to the same address with SO_REUSEPORT: the kernel spreads new
+    connections over them, so each worker gets its share (a single shared socket lets one
+    idle worker accept a burst of keep-alive connections and keep them)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port=") from None
+            port = sock.getsockname()[1]  # port=0 picks a free port once, then every worker shares it
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _serve_workers(spec: dict, run: dict, workers: int) -> None:
+    """Run ``workers`` server processes and stop them all when one exits or on SIGINT/SIGTERM."""
+    import multiprocessing
+    import multiprocessing.connection
+    import signal
+
+    sockets = _listening_sockets(run.pop("host"), run.pop("port"), workers)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_run_worker, args=(spec, run, sock), name=f"captcha_lit-serve-{i}")
+                 for i, sock in enumerate(sockets)]
+    stopping = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopping.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for process in processes:
+            process.start()
+        while not stopping and all(p.is_alive() for p in processes):
+            multiprocessing.connection.wait([p.sentinel for p in processes], timeout=0.5)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        for process in processes:
+            process.join(15)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sock in sockets:
+            sock.close()
+    failed = [(p.name, p.exitcode) for p in processes if p.exitcode not in (0, None, -signal.SIGTERM)]
+    if not stopping and failed:
+        raise RuntimeError(f"server process {failed[0][0]} exited with code {failed[0][1]}; the others were stopped")
 
 
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
-    solver = load_solver(str(cfg.model_path), threads=cfg.get("threads"),
-                         max_pixels=int(cfg.get("max_image_pixels") or MAX_IMAGE_PIXELS),
-                         parity_images=int(cfg.get("parity_images", 32)), spinning=bool(cfg.get("spinning", False)))
+    workers = resolve_workers(cfg.get("workers", 1))
+    # One process per core scales past the GIL; each then runs onnxruntime on one thread.
+    threads = cfg.get("threads")
+    threads = int(threads) if threads is not None else (None if workers == 1 else 1)
+    spec = {"threads": threads, "max_pixels": int(cfg.get("max_image_pixels") or MAX_IMAGE_PIXELS),
+            "spinning": bool(cfg.get("spinning", False)), "max_body_bytes": int(cfg.max_body_bytes),
+            "max_batch": int(cfg.max_batch), "micro_batch": int(cfg.get("micro_batch", 64))}
     api_key = os.environ.get(API_KEY_ENV) or None
-    app = create_app(solver, max_body_bytes=int(cfg.max_body_bytes), max_batch=int(cfg.max_batch), api_key=api_key,
-                     micro_batch=int(cfg.get("micro_batch", 64)))
-    print(f"serving {solver.model_id} ({solver.info.arch}, {solver.info.decoder}) on "
-          f"http://{cfg.host}:{cfg.port}  docs: /docs  API key: {'required' if api_key else 'off'}", flush=True)
-    uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.get("log_level", "info")),
-                access_log=bool(cfg.get("access_log", True)))
+    run = dict(host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.get("log_level", "info")),
+               access_log=bool(cfg.get("access_log", True)))
+    with tempfile.TemporaryDirectory(prefix="captcha_lit_serve_") as tmp:
+        spec["onnx"] = str(onnx_model(str(cfg.model_path), tmp, parity_images=int(cfg.get("parity_images", 32))))
+        solver = Solver(spec["onnx"], threads=threads, max_pixels=spec["max_pixels"], spinning=spec["spinning"])
+        print(f"serving {solver.model_id} ({solver.info.arch}, {solver.info.decoder}) on "
+              f"http://{cfg.host}:{cfg.port} with {workers} worker process(es)  docs: /docs  "
+              f"API key: {'required' if api_key else 'off'}", flush=True)
+        if workers == 1:
+            uvicorn.run(create_app(solver, max_body_bytes=spec["max_body_bytes"], max_batch=spec["max_batch"],
+                                   api_key=api_key, micro_batch=spec["micro_batch"]), **run)
+            return
+        del solver  # each worker process opens its own session on the same file
+        import socket
+
+        if hasattr(socket, "SO_REUSEPORT"):
+            _serve_workers(spec, run, workers)
+        else:
+            os.environ[WORKER_ENV] = json.dumps(spec)
+            uvicorn.run("captcha_lit.serve:worker_app", factory=True, workers=workers, **run)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")

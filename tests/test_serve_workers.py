@@ -1,0 +1,86 @@
+"""Several server processes (``workers=N``) on one port: each answers, and all stop together."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from captcha_lit.runtime import Solver
+from captcha_lit.serve import resolve_workers
+from conftest import PYTHON, REPO_ROOT, cli_env
+from test_deploy import captcha_pngs
+from test_serve import _free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_two_workers_share_the_port_answer_alike_and_stop_together(exported_models, cache_dir, tmp_path):
+    onnx = exported_models["crnn"]["onnx"]
+    port = _free_port()
+    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", "workers=2",
+           "access_log=false", f"hydra.run.dir={tmp_path}"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    pids: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        # Each fresh connection lands on one of the two sockets; keep asking until both answered.
+        while len(pids) < 2:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"not both workers answered ({pids}):\n{log_path.read_text()[-3000:]}"
+            try:
+                pids.add(httpx.get(f"{url}/health", timeout=2).json()["pid"])
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert proc.pid not in pids  # the parent only supervises
+        pngs = [data for _, data in captcha_pngs(6)]
+        expected = [Solver(onnx).solve(data).text for data in pngs]
+        for data, text in zip(pngs, expected):
+            with httpx.Client(base_url=url, timeout=60) as fresh:  # new connection, either worker
+                body = fresh.post("/v1/solve", files={"file": ("c.png", data, "image/png")}).json()
+            assert body["text"] == text
+        with httpx.Client(base_url=url, timeout=60) as fresh:
+            bad = fresh.post("/v1/solve", content=b"not an image", headers={"Content-Type": "image/png"})
+        assert bad.status_code == 422 and "not a recognized image format" in bad.json()["detail"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), "a worker outlived the server"
+
+
+@pytest.mark.parametrize("value", [0, -2, "two", "1.5"])
+def test_a_bad_worker_count_is_named(value):
+    with pytest.raises(ValueError, match=r"workers=.*whole number of server processes >= 1, or auto"):
+        resolve_workers(value)
+
+
+def test_worker_counts():
+    assert resolve_workers(3) == 3
+    assert resolve_workers("2") == 2
+    assert resolve_workers("auto") == (os.cpu_count() or 1)
