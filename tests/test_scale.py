@@ -80,6 +80,18 @@ def test_submitit_local_launcher_one_job(tmp_path, cache_dir):
         assert [r["status"] for r in csv.DictReader(handle)] == ["done"]
 
 
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "joblib"
+    proc = _run(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", f"hydra.sweep.dir={sweep}",
+                 "debug=fast", "trainer.devices=1", "logger=csv"], cache_dir)
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr  # the joblib launcher ran the sweep
+    for job in ("0", "1"):
+        assert "test/seq_acc" in _metrics(sweep / job)
+    with open(sweep / "summary.csv", newline="") as handle:
+        assert [r["status"] for r in csv.DictReader(handle)] == ["done", "done"]
+
+
 def test_ddp_two_cpu_processes_in_a_sweep(tmp_path, cache_dir, make_cfg):
     from captcha_lit.eval import evaluate
 
