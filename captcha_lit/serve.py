@@ -436,6 +436,16 @@ def _listening_sockets(host: str, port: int, count: int) -> list:
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # SO_REUSEPORT would also let these sockets join another server that listens on the port
+    # with SO_REUSEPORT (a second captcha_lit.serve, say) and take half of its connections.
+    # A plain bind first fails on any port that something already listens on.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port=") from None
+        port = probe.getsockname()[1]  # port=0 picks a free port, which every worker then shares
     sockets = []
     try:
         for _ in range(count):
@@ -447,7 +457,6 @@ def _listening_sockets(host: str, port: int, count: int) -> list:
                 sock.bind((host, port))
             except OSError as exc:
                 raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port=") from None
-            port = sock.getsockname()[1]  # port=0 picks a free port once, then every worker shares it
     except BaseException:
         for sock in sockets:
             sock.close()

@@ -84,3 +84,30 @@ def test_worker_counts():
     assert resolve_workers(3) == 3
     assert resolve_workers("2") == 2
     assert resolve_workers("auto") == (os.cpu_count() or 1)
+
+
+def test_workers_refuse_a_port_another_server_listens_on():
+    import socket
+
+    from captcha_lit.serve import _listening_sockets
+
+    for reuse_port in (False, True):  # a plain server, and one (like ours) that allows SO_REUSEPORT
+        with socket.socket() as other:
+            if reuse_port:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{port}: .*choose another port="):
+                _listening_sockets("127.0.0.1", port, 2)
+
+
+def test_workers_share_one_free_port():
+    from captcha_lit.serve import _listening_sockets
+
+    sockets = _listening_sockets("127.0.0.1", 0, 3)
+    try:
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
