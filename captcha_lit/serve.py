@@ -411,8 +411,10 @@ def resolve_workers(value: Any) -> int:
     return workers
 
 
-def _app_from_spec(spec: dict) -> FastAPI:
-    solver = Solver(spec["onnx"], threads=spec["threads"], max_pixels=spec["max_pixels"], spinning=spec["spinning"])
+def _app_from_spec(spec: dict, solver: Solver | None = None) -> FastAPI:
+    if solver is None:
+        solver = Solver(spec["onnx"], threads=spec["threads"], max_pixels=spec["max_pixels"],
+                        spinning=spec["spinning"])
     return create_app(solver, max_body_bytes=spec["max_body_bytes"], max_batch=spec["max_batch"],
                       api_key=os.environ.get(API_KEY_ENV) or None, micro_batch=spec["micro_batch"])
 
@@ -520,8 +522,7 @@ def serve(cfg: DictConfig) -> None:
               f"http://{cfg.host}:{cfg.port} with {workers} worker process(es)  docs: /docs  "
               f"API key: {'required' if api_key else 'off'}", flush=True)
         if workers == 1:
-            uvicorn.run(create_app(solver, max_body_bytes=spec["max_body_bytes"], max_batch=spec["max_batch"],
-                                   api_key=api_key, micro_batch=spec["micro_batch"]), **run)
+            uvicorn.run(_app_from_spec(spec, solver), **run)
             return
         del solver  # each worker process opens its own session on the same file
         import socket

@@ -74,6 +74,34 @@ def test_two_workers_share_the_port_answer_alike_and_stop_together(exported_mode
     assert not any(_alive(pid) for pid in pids), "a worker outlived the server"
 
 
+def test_one_worker_serves_from_the_main_process(exported_models, cache_dir, tmp_path):
+    onnx = exported_models["crnn"]["onnx"]
+    port = _free_port()
+    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", "workers=1",
+           "access_log=false", f"hydra.run.dir={tmp_path}"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"server did not start:\n{log_path.read_text()[-3000:]}"
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health["pid"] == proc.pid
+        _, data = captcha_pngs(1)[0]
+        body = httpx.post(f"{url}/v1/solve", files={"file": ("c.png", data, "image/png")}, timeout=60).json()
+        assert body["text"] == Solver(onnx).solve(data).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("value", [0, -2, "two", "1.5"])
 def test_a_bad_worker_count_is_named(value):
     with pytest.raises(ValueError, match=r"workers=.*whole number of server processes >= 1, or auto"):
