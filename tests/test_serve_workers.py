@@ -30,15 +30,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_two_workers_share_the_port_answer_alike_and_stop_together(exported_models, cache_dir, tmp_path):
-    onnx = exported_models["crnn"]["onnx"]
+def _start(onnx, workers: int, cache_dir, tmp_path) -> tuple[subprocess.Popen, str, object]:
+    """``python -m captcha_lit.serve`` with ``workers`` processes: (process, url, log path)."""
     port = _free_port()
-    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", "workers=2",
+    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", f"workers={workers}",
            "access_log=false", f"hydra.run.dir={tmp_path}"]
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log_path
+
+
+def test_two_workers_share_the_port_answer_alike_and_stop_together(exported_models, cache_dir, tmp_path):
+    onnx = exported_models["crnn"]["onnx"]
+    proc, url, log_path = _start(onnx, 2, cache_dir, tmp_path)
     pids: set[int] = set()
     try:
         deadline = time.time() + 120
@@ -76,13 +81,7 @@ def test_two_workers_share_the_port_answer_alike_and_stop_together(exported_mode
 
 def test_one_worker_serves_from_the_main_process(exported_models, cache_dir, tmp_path):
     onnx = exported_models["crnn"]["onnx"]
-    port = _free_port()
-    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", "workers=1",
-           "access_log=false", f"hydra.run.dir={tmp_path}"]
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log_path = _start(onnx, 1, cache_dir, tmp_path)
     try:
         deadline = time.time() + 120
         while True:
