@@ -41,7 +41,7 @@ def _median(values):
 def bench_generation(repeats: int, count: int) -> dict:
     from captcha_lit.data.synthetic import GeneratorSpec, default_workers, generate
 
-    spec = GeneratorSpec(input_size=(32, 96))
+    spec = GeneratorSpec(input_size=_default_input_size())
     workers = default_workers()
     single, parallel = [], []
     for r in range(repeats):
@@ -77,7 +77,7 @@ def bench_cache_load(repeats: int, count: int) -> dict:
             out[start:start + 10_000] = rng.integers(0, 256, size=out[start:start + 10_000].shape, dtype=np.uint8)
         return labels
 
-    shape = (32, 96, 3)
+    shape = (*_default_input_size(), 3)
     cache.get_or_build(tmp, "bench", {"n": count}, count, build, shape)
     times = []
     for _ in range(repeats):
@@ -91,6 +91,11 @@ def bench_cache_load(repeats: int, count: int) -> dict:
 
 
 # ---- model throughput ----------------------------------------------------------------
+def _default_input_size() -> tuple[int, int]:
+    height, width = (int(v) for v in _compose([]).data.input_size)
+    return height, width
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

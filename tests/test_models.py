@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -41,6 +43,55 @@ def test_input_too_small(name):
 def test_crnn_needs_enough_time_steps():
     with pytest.raises(ValueError, match="time steps"):
         get_model("crnn", num_classes=10, max_length=10, input_size=(32, 64))
+
+
+@pytest.mark.parametrize("rnn", ["gru", "lstm", "conv"])
+def test_crnn_sequence_models_train_and_learn_context(rnn):
+    """Each sequence model gives one CTC frame per time step, and a gradient step on a
+    tiny batch lowers the CTC loss."""
+    torch.manual_seed(0)
+    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=INPUT, rnn=rnn, rnn_layers=2)
+    x = torch.randn(4, 3, *INPUT)
+    targets = torch.randint(0, NUM_CLASSES, (4, MAX_LEN))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+
+    def loss_fn():
+        lp = net(x).log_softmax(-1).transpose(0, 1)
+        return torch.nn.functional.ctc_loss(lp, targets, torch.full((4,), lp.shape[0]), torch.full((4,), MAX_LEN),
+                                            blank=NUM_CLASSES)
+
+    first = loss_fn()
+    assert net(x).shape == (4, net.seq_len, NUM_CLASSES + 1)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    assert loss_fn().item() < first.item()
+
+
+def test_crnn_strided_stem_reads_full_resolution():
+    # A 48x128 input with a stride-2 stem gives the same time steps as 24x64 without one.
+    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), stem=24, channels=[32, 64, 128],
+                    strides=[[2, 2], [2, 1], [3, 1]])
+    assert net.backbone.downsample == (24, 4)
+    assert net.seq_len == 32
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 3, 48, 128)).shape == (1, 32, NUM_CLASSES + 1)
+    with pytest.raises(ValueError, match="too small"):
+        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(16, 128), stem=24, channels=[32, 64, 128],
+                  strides=[[2, 2], [2, 1], [3, 1]])
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"rnn": "transformer"}, "model.rnn='transformer': use 'gru', 'lstm' or 'conv'"),
+    ({"stem": -1}, "model.stem=-1"),
+    ({"backbone": "resnet", "stem": 16}, "model.stem=16 is for backbone=vgg"),
+    ({"rnn": "conv", "rnn_layers": 0}, "rnn_layers >= 1"),
+])
+def test_crnn_bad_options_are_named(options, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), **options)
 
 
 def test_unknown_model_lists_choices():

@@ -1,4 +1,4 @@
-"""CRNN: convolutional features, a bidirectional recurrent sequence model, CTC."""
+"""CRNN: convolutional features, a sequence model (bidirectional GRU/LSTM or temporal convolutions), CTC."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import VGGBackbone, check_input_size
+from captcha_lit.models.layers import TemporalConv, VGGBackbone, check_input_size
 from captcha_lit.models.registry import register_model
 from captcha_lit.models.resnet import ResNetBackbone, SequenceNeck
 
@@ -16,11 +16,14 @@ class CRNN(nn.Module):
     decoder = "ctc"
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
-                 strides, dim: int, rnn: str, rnn_layers: int, dropout: float):
+                 strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2):
         super().__init__()
         if backbone == "vgg":
-            self.backbone = VGGBackbone(channels, strides)
+            self.backbone = VGGBackbone(channels, strides, stem=stem, stem_stride=stem_stride)
         elif backbone == "resnet":
+            if stem:
+                raise ValueError(f"model.stem={stem} is for backbone=vgg; backbone=resnet has its own stem, "
+                                 "so set model.stem=0")
             self.backbone = ResNetBackbone(channels, blocks, strides)
         else:
             raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")
@@ -34,11 +37,14 @@ class CRNN(nn.Module):
                 "or reduce the width strides in model.strides"
             )
         self.neck = SequenceNeck(self.backbone.out_channels, out_h, dim, dropout)
-        rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}.get(rnn)
-        if rnn_cls is None:
-            raise ValueError(f"model.rnn={rnn!r}: use 'gru' or 'lstm'")
-        self.rnn = rnn_cls(dim, dim // 2, num_layers=rnn_layers, bidirectional=True, batch_first=True,
-                           dropout=dropout if rnn_layers > 1 else 0.0)
+        if rnn == "conv":
+            self.rnn = TemporalConv(dim, layers=rnn_layers)
+        else:
+            rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}.get(rnn)
+            if rnn_cls is None:
+                raise ValueError(f"model.rnn={rnn!r}: use 'gru', 'lstm' or 'conv'")
+            self.rnn = rnn_cls(dim, dim // 2, num_layers=rnn_layers, bidirectional=True, batch_first=True,
+                               dropout=dropout if rnn_layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(dim, num_classes + 1)
 
@@ -58,6 +64,6 @@ class CRNN(nn.Module):
 def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",
          channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
          strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "gru",
-         rnn_layers: int = 1, dropout: float = 0.1) -> CRNN:
+         rnn_layers: int = 1, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
-                tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout)
+                tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride))
