@@ -63,7 +63,7 @@ class CRNN(nn.Module):
 @register_model("crnn", decoder="ctc")
 def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",
          channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
-         strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "gru",
-         rnn_layers: int = 1, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2) -> CRNN:
+         strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "conv",
+         rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
                 tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride))
