@@ -46,9 +46,9 @@ def test_crnn_needs_enough_time_steps():
 
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm", "conv"])
-def test_crnn_sequence_models_train_and_learn_context(rnn):
-    """Each sequence model gives one CTC frame per time step, and a gradient step on a
-    tiny batch lowers the CTC loss."""
+def test_crnn_sequence_models_lower_ctc_loss(rnn):
+    """Each sequence model gives one CTC frame per time step, and a few gradient steps on a
+    tiny batch lower the CTC loss."""
     torch.manual_seed(0)
     net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=INPUT, rnn=rnn, rnn_layers=2)
     x = torch.randn(4, 3, *INPUT)
@@ -72,22 +72,22 @@ def test_crnn_sequence_models_train_and_learn_context(rnn):
 
 def test_crnn_strided_stem_reads_full_resolution():
     # A 48x128 input with a stride-2 stem gives the same time steps as 24x64 without one.
-    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), stem=24, channels=[32, 64, 128],
-                    strides=[[2, 2], [2, 1], [3, 1]])
+    stem = dict(stem=24, channels=[32, 64, 128], strides=[[2, 2], [2, 1], [3, 1]])
+    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), **stem)
     assert net.backbone.downsample == (24, 4)
     assert net.seq_len == 32
     with torch.no_grad():
         assert net.eval()(torch.randn(1, 3, 48, 128)).shape == (1, 32, NUM_CLASSES + 1)
     with pytest.raises(ValueError, match="too small"):
-        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(16, 128), stem=24, channels=[32, 64, 128],
-                  strides=[[2, 2], [2, 1], [3, 1]])
+        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(16, 128), **stem)
 
 
 @pytest.mark.parametrize("options, match", [
     ({"rnn": "transformer"}, "model.rnn='transformer': use 'gru', 'lstm' or 'conv'"),
     ({"stem": -1}, "model.stem=-1"),
     ({"backbone": "resnet", "stem": 16}, "model.stem=16 is for backbone=vgg"),
-    ({"rnn": "conv", "rnn_layers": 0}, "rnn_layers >= 1"),
+    ({"rnn": "conv", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),
+    ({"rnn": "gru", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),
 ])
 def test_crnn_bad_options_are_named(options, match):
     with pytest.raises(ValueError, match=re.escape(match)):

@@ -37,6 +37,8 @@ class CRNN(nn.Module):
                 "or reduce the width strides in model.strides"
             )
         self.neck = SequenceNeck(self.backbone.out_channels, out_h, dim, dropout)
+        if rnn_layers < 1:
+            raise ValueError(f"model.rnn_layers={rnn_layers}: the sequence model needs at least 1 layer")
         if rnn == "conv":
             self.rnn = TemporalConv(dim, layers=rnn_layers)
         else:
