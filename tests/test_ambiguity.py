@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from captcha_lit.ambiguity import SIDE, draw_characters, main
+from captcha_lit.ambiguity import CONTEXT_WIDTH, SIDE, draw_characters, draw_in_context, main
 
 
 def test_drawing_is_seeded_and_squeeze_narrows_the_characters():
@@ -30,11 +30,38 @@ def test_a_short_study_learns_a_distinct_pair(tmp_path):
     out = tmp_path / "study.json"
     result = main(["--pair", "1W", "--train", "4096", "--test", "512", "--epochs", "3", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    assert [row["epoch"] for row in result["history"]] == [1, 2, 3]
-    assert result["history"][-1]["test_acc"] > 0.9  # 1 and W look nothing alike
+    (run,) = result["runs"]
+    assert run["train"] == 4096 and [row["epoch"] for row in run["history"]] == [1, 2, 3]
+    assert run["history"][-1]["test_acc"] > 0.9  # 1 and W look nothing alike
 
 
-@pytest.mark.parametrize("argv", [["--pair", "OO"], ["--pair", "O"], ["--train", "10"]])
+def test_context_pairs_differ_only_in_the_character_and_are_centred_on_it():
+    images, labels, differing = draw_in_context("O0", seed=5, count=16)
+    again, _, _ = draw_in_context("O0", seed=5, count=16)
+    assert images.shape == (16, 60, CONTEXT_WIDTH) and np.array_equal(images, again)
+    assert labels.tolist() == [0, 1] * 8 and differing.shape == (8,)
+    for first, second, pixels in zip(images[0::2], images[1::2], differing):
+        changed = first != second
+        assert 0 < changed.sum() <= pixels  # the window holds the differing pixels, or most of them
+        columns = np.flatnonzero(changed.any(axis=0))
+        assert abs((columns[0] + columns[-1]) / 2 - CONTEXT_WIDTH / 2) <= 2
+
+
+def test_context_learning_curve_trains_one_classifier_per_size():
+    result = main(["--context", "--pair", "1A", "--train", "1024,512", "--test", "256", "--epochs", "2"])
+    assert result["mode"] == "context" and [run["train"] for run in result["runs"]] == [512, 1024]
+    assert result["test_pairs_differing_pixels"]["median"] > 50  # 1 and A differ in many pixels
+    assert all(len(run["history"]) == 2 for run in result["runs"])
+
+
+@pytest.mark.parametrize("argv", [["--pair", "OO"], ["--pair", "O"], ["--train", "10"], ["--train", "4096,10"],
+                                  ["--context", "--pair", "Oo"], ["--context", "--pair", "1W"]])
 def test_bad_arguments_are_named(argv):
     with pytest.raises(ValueError, match="--pair|--train"):
         main(argv + ["--epochs", "1"])
+
+
+def test_train_sizes_that_are_not_numbers_are_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["--train", "many"])
+    assert "'many': give numbers of images" in capsys.readouterr().err
