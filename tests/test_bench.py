@@ -27,7 +27,7 @@ def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
     assert summary["median_test_seq_acc"] == 0.97 and summary["test_seq_acc_range"] == [0.96, 0.98]
     assert summary["median_wall_s"] == 643.0 and summary["median_val_seq_acc_at_15min"] is None
     table = bench._table({"train_default": summary})
-    assert "median of 3) | test seq acc | 0.9700 (seeds 42-44: 0.9600 to 0.9800)" in table
+    assert "median of 3) | test seq acc | 0.9700 (seeds 42, 43, 44: 0.9600 to 0.9800)" in table
     assert "val seq acc at 5 / 10 / 15 min | 0.8000 / 0.9500 / n/a" in table
 
 
