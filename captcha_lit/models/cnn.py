@@ -44,5 +44,5 @@ class CaptchaCNN(nn.Module):
 
 @register_model("cnn", decoder="positional")
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
-        convs_per_stage: int = 1, hidden: int = 512, dropout: float = 0.3) -> CaptchaCNN:
+        convs_per_stage: int = 1, hidden: int = 512, dropout: float = 0.1) -> CaptchaCNN:
     return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout)
