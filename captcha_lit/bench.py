@@ -656,8 +656,8 @@ def _table(results: dict) -> str:
     for key, (_, target) in TRAINING.items():
         if key in results:
             t = results[key]
-            n = len([r for r in t["runs"] if "error" not in r])
-            spread, seeds = t.get("test_seq_acc_range"), [str(r["seed"]) for r in t["runs"] if "error" not in r]
+            seeds = [str(r["seed"]) for r in t["runs"] if "error" not in r]
+            n, spread = len(seeds), t.get("test_seq_acc_range")
             spread = f" (seeds {', '.join(seeds)}: {_f(spread[0])} to {_f(spread[1])})" if n > 1 and spread else ""
             rows += [f"| {key} ({' '.join(t['overrides']) or 'no overrides'}; median of {n}) | test seq acc | "
                      f"{_f(t['median_test_seq_acc'])}{spread} | {target} |",
