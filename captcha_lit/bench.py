@@ -107,11 +107,19 @@ def _compose(overrides: list[str]):
 
 
 def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
+    """Bare training steps (batch ``data.batch_size``) and inference (batch 256) of a composed config.
+
+    Training runs under the precision the config resolves to (``trainer.precision=auto``: bf16
+    autocast where the CPU has native bf16) and, as the baseline, in fp32; inference in fp32,
+    as predict, serve and the ONNX export run it."""
+    import contextlib
+
     import torch
 
-    from captcha_lit.builders import build_module
+    from captcha_lit.builders import build_module, resolve_precision
 
     cfg = _compose(overrides)
+    precision = str(resolve_precision(cfg.trainer))
     module = build_module(cfg)
     height, width = cfg.data.input_size
     batch = int(cfg.data.batch_size)
@@ -120,19 +128,26 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
     images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     aug = module.batch_augment
-    train_rates, infer_rates = [], []
+    modes = {"train_img_s": precision, "train_fp32_img_s": "32-true"}
+    rates: dict[str, list[float]] = {key: [] for key in modes}
+    infer_rates = []
     for _ in range(repeats):
         module.train()
-        for i in range(steps + 3):
-            if i == 3:
-                t = time.perf_counter()
-            x = module.preprocess.to_float(images)
-            x = module.preprocess.normalize(aug(x) if aug is not None else x)
-            loss = module.compute_loss(module(x), targets, lengths)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        train_rates.append(steps * batch / (time.perf_counter() - t))
+        for key, mode in modes.items():
+            autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if mode.startswith("bf16")
+                        else contextlib.nullcontext())
+            for i in range(steps + 3):
+                if i == 3:
+                    t = time.perf_counter()
+                x = module.preprocess.to_float(images)
+                x = module.preprocess.normalize(aug(x) if aug is not None else x)
+                with autocast:
+                    logits = module(x)
+                loss = module.compute_loss(logits, targets, lengths)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            rates[key].append(steps * batch / (time.perf_counter() - t))
         module.eval()
         big = module.preprocess(torch.randint(0, 256, (256, 3, height, width), dtype=torch.uint8))
         with torch.inference_mode():
@@ -141,7 +156,8 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
             for _ in range(3):
                 module.decode(module(big))
             infer_rates.append(3 * 256 / (time.perf_counter() - t))
-    return {"train_img_s": round(_median(train_rates), 1), "infer_img_s_b256": round(_median(infer_rates), 1),
+    return {**{key: round(_median(values), 1) for key, values in rates.items()}, "precision": precision,
+            "infer_img_s_b256": round(_median(infer_rates), 1),
             "input_size": list(cfg.data.input_size), "params": sum(p.numel() for p in module.parameters())}
 
 
@@ -617,8 +633,10 @@ def _table(results: dict) -> str:
         rows.append(f"| cached dataset load ({lo['images']} img, median of {lo['repeats']}) | time | {lo['load_s']} s | <= 5 s |")
     if "throughput" in results:
         for name, t in results["throughput"].items():
-            rows.append(f"| throughput {name} (input {t['input_size']}, {t['params']} params) | train, batch 64 | "
-                        f"{t['train_img_s']} img/s | |")
+            rows.append(f"| throughput {name} (input {t['input_size']}, {t['params']} params) | train, batch 64, "
+                        f"{t.get('precision', '32-true')} | {t['train_img_s']} img/s | |")
+            if t.get("precision", "32-true") != "32-true" and "train_fp32_img_s" in t:
+                rows.append(f"| | train, batch 64, 32-true (baseline) | {t['train_fp32_img_s']} img/s | |")
             rows.append(f"| | inference, batch 256 | {t['infer_img_s_b256']} img/s | |")
     if "onnx" in results:
         o = results["onnx"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,51 @@ def to_plain(node: Any) -> Any:
     if isinstance(node, (DictConfig,)) or OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` ("cpu" or "cuda") computes bfloat16 in hardware, so bf16 autocast
+    speeds training up instead of emulating it (CPUs with AVX512-BF16 or AMX, GPUs from Ampere)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch build without oneDNN's probe
+            return False
+    return False
+
+
+def resolve_precision(trainer_cfg: DictConfig | dict) -> str | int:
+    """``trainer.precision=auto`` -> the Lightning precision for the accelerator the run will use.
+
+    bf16 autocast (``bf16-mixed``) where the device has native bf16, else ``32-true`` on a CPU
+    and ``16-mixed`` on an older GPU. Weights and the optimizer stay fp32 either way; any
+    Lightning value (``32-true``, ``bf16-mixed``, ``16-mixed``, ...) is passed through."""
+    precision = trainer_cfg.get("precision")
+    if str(precision) != "auto":
+        return precision
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        return "bf16-mixed" if native_bf16("cuda") else "16-mixed"
+    if accelerator == "cpu":
+        return "bf16-mixed" if native_bf16("cpu") else "32-true"
+    return "32-true"
+
+
+def build_trainer(trainer_cfg: DictConfig, **kwargs):
+    """Instantiate ``cfg.trainer`` (with ``precision=auto`` resolved, and written back to the config
+    so the logged hparams and the saved config name the precision that ran)."""
+    from hydra.utils import instantiate
+
+    precision = resolve_precision(trainer_cfg)
+    if precision != trainer_cfg.get("precision"):
+        with open_dict(trainer_cfg):
+            trainer_cfg.precision = precision
+        log.info("trainer.precision=auto -> %s", precision)
+    return instantiate(trainer_cfg, **kwargs)
 
 
 def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dict | None = None):

@@ -16,10 +16,9 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from captcha_lit.builders import build_datamodule, checkpoint_data_config, load_module, to_plain
+from captcha_lit.builders import build_datamodule, build_trainer, checkpoint_data_config, load_module, to_plain
 from captcha_lit.callbacks import ErrorAnalysis, written_files
 from captcha_lit.utils import entry_point, output_dir, write_json
 
@@ -71,8 +70,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     callbacks = []
     if cfg.get("error_analysis") is not None:
         callbacks.append(ErrorAnalysis(dirpath=out_dir, top_pairs=cfg.error_analysis.top_pairs))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False,
-                                     enable_autolog_hparams=False)
+    trainer: L.Trainer = build_trainer(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False,
+                                       enable_autolog_hparams=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "num_test": len(datamodule.datasets["test"]),

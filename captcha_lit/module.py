@@ -198,7 +198,13 @@ class CaptchaModule(L.LightningModule):
     def _shared_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, list[str] | None, Decoded]:
         """Loss, metrics and logging of one batch -> (loss, the decoded texts (val and test only), the decoding)."""
         images, targets, lengths = batch["image"], batch["target"], batch["length"]
-        logits = self(images)
+        if stage == "train":
+            logits = self(images)
+        else:
+            # Val and test run in full precision even under bf16/fp16 autocast (trainer.precision), so
+            # the metrics are those of the fp32 model that predict, serve and the ONNX export run.
+            with torch.autocast(images.device.type, enabled=False):
+                logits = self(images.float())
         loss = self.compute_loss(logits, targets, lengths)
         metrics = getattr(self, f"{stage}_metrics")
         with torch.no_grad():

@@ -23,7 +23,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from captcha_lit.builders import build_datamodule, build_module, check_checkpoint, init_from_checkpoint, to_plain
+from captcha_lit.builders import build_datamodule, build_module, build_trainer, check_checkpoint, init_from_checkpoint, to_plain
 from captcha_lit.callbacks import RunTimeline, written_files
 from captcha_lit.distributed import ddp_job
 from captcha_lit.resume import resume_point
@@ -66,8 +66,8 @@ def train(cfg: DictConfig) -> dict:
     timeline = RunTimeline(start_time=min(_PROCESS_START, start))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     enable_autolog_hparams=False)
+    trainer: L.Trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                       enable_autolog_hparams=False)
     if cfg.trainer.get("sync_batchnorm") and trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator):
         raise ValueError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU; "
                          "pass trainer.sync_batchnorm=false")

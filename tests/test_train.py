@@ -235,3 +235,31 @@ def test_cli_bad_input_is_a_clear_error(cli_runs, case):
     assert len(error_lines) == 1, stderr[-3000:]
     for fragment in expected:
         assert fragment in error_lines[0], f"{fragment!r} not in {error_lines[0]!r}"
+
+
+def test_eval_runs_in_full_precision_under_autocast(trained_run, make_cfg):
+    """Val and test read the fp32 model even when training uses bf16 autocast, so the reported
+    metrics are those of the model that predict, serve and the ONNX export run."""
+    _, metrics, _, _ = trained_run
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        overrides = [f"ckpt_path={metrics['best_ckpt']}", f"trainer.precision={precision}"]
+        results[precision] = evaluate(make_cfg("eval", overrides, name=f"eval_{precision}"), overrides)
+    for key in TEST_KEYS:
+        assert results["bf16-mixed"][key] == pytest.approx(results["32-true"][key], abs=1e-6), key
+
+
+def test_precision_auto_resolves_per_device():
+    from omegaconf import OmegaConf
+
+    from captcha_lit.builders import build_trainer, native_bf16, resolve_precision
+
+    expected = "bf16-mixed" if native_bf16("cpu") else "32-true"
+    assert resolve_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"})) == expected
+    assert resolve_precision({"precision": "32-true", "accelerator": "cpu"}) == "32-true"
+    assert resolve_precision({"precision": "16-mixed", "accelerator": "auto"}) == "16-mixed"
+    cfg = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "precision": "auto", "accelerator": "cpu",
+                            "devices": 1, "logger": False, "enable_checkpointing": False})
+    trainer = build_trainer(cfg)
+    assert cfg.precision == expected  # written back, so the logged hparams name what ran
+    assert trainer.precision == expected
