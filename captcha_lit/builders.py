@@ -80,8 +80,33 @@ def build_trainer(trainer_cfg: DictConfig, **kwargs):
     return instantiate(trainer_cfg, **kwargs)
 
 
+def normalization(data: dict) -> tuple[list[float], list[float]]:
+    """A data config's per-channel ``(mean, std)``. ``data.grayscale`` picks one channel or three
+    (RGB); ``data.mean`` and ``data.std`` are one number for every channel, or one per channel."""
+    grayscale = data.get("grayscale", False)
+    if not isinstance(grayscale, bool):
+        raise ValueError(f"data.grayscale={grayscale!r} must be true (one gray channel) or false (RGB)")
+    channels = 1 if grayscale else 3
+    out = []
+    for key in ("mean", "std"):
+        value = data.get(key, 0.5)
+        values = [value] if isinstance(value, (int, float)) else list(value)
+        if len(values) == 1:
+            values = values * channels
+        if len(values) != channels or not all(isinstance(v, (int, float)) for v in values):
+            raise ValueError(
+                f"data.{key}={value!r} needs one number, or one per input channel: {channels} with "
+                f"data.grayscale={str(grayscale).lower()}"
+            )
+        if key == "std" and min(values) <= 0:
+            raise ValueError(f"data.std={value!r} must be positive")
+        out.append([float(v) for v in values])
+    return out[0], out[1]
+
+
 def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dict | None = None):
     data = dict(to_plain(data_cfg))
+    normalization(data)  # a bad data.grayscale, mean or std fails here, before any data is generated
     source = data.pop("source", "synthetic")
     length = data.pop("length", None)
     if length is not None and data.get("min_length") == data.get("max_length") == length and int(length) < 1:
@@ -127,9 +152,10 @@ def build_module(cfg: DictConfig, datamodule=None):
     for key in ("charset", "min_length", "max_length"):
         if data.get(key) is None:
             raise ValueError(f"data.{key} is not set, and the data source {data.get('source')!r} does not infer it")
+    mean, std = normalization(data)
     return CaptchaModule(
         arch=arch, model_kwargs=model, charset=data["charset"], min_length=data["min_length"],
-        max_length=data["max_length"], input_size=data["input_size"], mean=data["mean"], std=data["std"],
+        max_length=data["max_length"], input_size=data["input_size"], mean=mean, std=std,
         optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
         augmentation=to_plain(cfg.get("augmentation")) or {}, beam_width=beam_width,
     )
@@ -188,6 +214,9 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
         for key in ("input_size", "max_length"):
             if hp[key] != ours[key]:
                 differing.append(f"data.{key}={hp[key]} there, {ours[key]} here")
+        if len(hp["mean"]) != len(ours["mean"]):
+            differing.append(f"data.grayscale={str(len(hp['mean']) == 1).lower()} there, "
+                             f"{str(len(ours['mean']) == 1).lower()} here")
         raise ValueError(
             f"init_from={str(path)!r}: the checkpoint's {hp['arch']!r} network does not match this run's: "
             + "; ".join(mismatched[:3]) + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "")
@@ -256,4 +285,5 @@ def checkpoint_data_config(state: dict) -> dict:
     hp = state["hyper_parameters"]
     for key in _PREPROCESSING_KEYS:
         data[key] = hp[key]
+    data["grayscale"] = len(hp["mean"]) == 1  # the model reads as many channels as it has mean values
     return data

@@ -44,6 +44,10 @@ def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> d
         if key in data and data[key] != hp[key] and not (key in ("min_length", "max_length")):
             log.warning("data.%s=%s differs from the checkpoint's %s; using the checkpoint's", key, data[key], hp[key])
         data[key] = hp[key]
+    grayscale = len(hp["mean"]) == 1
+    if data.get("grayscale", grayscale) != grayscale:
+        log.warning("data.grayscale=%s differs from the checkpoint's; using the checkpoint's", data["grayscale"])
+    data["grayscale"] = grayscale
     return data
 
 

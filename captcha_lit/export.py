@@ -49,7 +49,7 @@ def _to_onnx(module, path: Path, opset: int) -> None:
 
     height, width = module.hparams.input_size
     # Batch 2, not 1, so that no batch-sized dimension is mistaken for a constant.
-    sample = torch.zeros(2, 3, int(height), int(width))
+    sample = torch.zeros(2, module.channels, int(height), int(width))
     with warnings.catch_warnings():
         # The TorchScript exporter warns about itself, about assertions inside torch.nn (RNN
         # and attention input checks) and about GRU batch sizes; the parity check below
@@ -105,7 +105,8 @@ def _parity_images(state: dict, count: int | None, seed: int | str, split: str =
     spec = GeneratorSpec(
         charset=data["charset"], min_length=int(data["min_length"]), max_length=int(data["max_length"]),
         width=int(data.get("width", 160)), height=int(data.get("height", 60)),
-        input_size=tuple(int(v) for v in data["input_size"]), fonts=tuple(fonts) if fonts else None,
+        input_size=tuple(int(v) for v in data["input_size"]), channels=len(data["mean"]),
+        fonts=tuple(fonts) if fonts else None,
         font_sizes=tuple(int(s) for s in data["font_sizes"]) if data.get("font_sizes") else None,
     )
     return generate(spec, seed, "export_parity", int(count or 100), workers=1)

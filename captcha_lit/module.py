@@ -20,6 +20,7 @@ from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
 from captcha_lit.decoding import Decoded, decode_ctc_beam, decode_ctc_greedy, decode_positional
 from captcha_lit.models import get_model, model_decoder
+from captcha_lit.preprocess import check_channels
 
 # The module, not the datamodule, turns uint8 batches into normalized floats on purpose
 # (checkpoints carry the normalization); Lightning warns about that choice on every fit.
@@ -125,8 +126,12 @@ class CaptchaModule(L.LightningModule):
         # Positional models with variable length predict an end symbol after the text;
         # CTC handles variable length natively.
         self.end_class = num_classes if (self.decoder == "positional" and self.variable_length) else None
+        if "in_channels" in (model_kwargs or {}):
+            raise ValueError("model.in_channels is set by the data: data.grayscale=true reads 1 channel, false 3")
+        # One normalization value per input channel: 1 (grayscale) or 3 (RGB).
+        self.channels = check_channels(mean, std)
         self.net = get_model(arch, num_classes=num_classes + (self.end_class is not None), max_length=max_length,
-                             input_size=tuple(input_size), **(model_kwargs or {}))
+                             input_size=tuple(input_size), in_channels=self.channels, **(model_kwargs or {}))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.preprocess = EvalPreset(mean=mean, std=std)
@@ -155,7 +160,7 @@ class CaptchaModule(L.LightningModule):
         return batch
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized float images (B, 3, H, W) -> logits."""
+        """Normalized float images (B, C, H, W) -> logits."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)

@@ -61,7 +61,7 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     return files
 
 
-def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], Callable[[np.ndarray], list[Solution]]]:
+def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
     import torch
 
     from captcha_lit.builders import load_module
@@ -76,18 +76,18 @@ def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], Callable
         texts, decoded = module.predict_texts(module.preprocess(batch))
         return [Solution(text, seq, chars) for text, seq, chars in zip(texts, decoded.seq_conf, decoded.char_conf)]
 
-    return tuple(module.hparams.input_size), solve
+    return tuple(module.hparams.input_size), module.channels, solve
 
 
-def _onnx_model(path: str) -> tuple[tuple[int, int], Callable[[np.ndarray], list[Solution]]]:
+def _onnx_model(path: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
     from captcha_lit.runtime import Solver
 
     solver = Solver(path)
-    return solver.info.input_size, solver.solve_arrays
+    return solver.info.input_size, solver.info.channels, solver.solve_arrays
 
 
-def predict_files(files: Sequence[Path], input_size: tuple[int, int], solve: Callable[[np.ndarray], list[Solution]],
-                  batch_size: int) -> list[dict]:
+def predict_files(files: Sequence[Path], input_size: tuple[int, int], channels: int,
+                  solve: Callable[[np.ndarray], list[Solution]], batch_size: int) -> list[dict]:
     """One row per file, in order; decoding errors become rows with ``error`` set."""
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):
@@ -96,7 +96,7 @@ def predict_files(files: Sequence[Path], input_size: tuple[int, int], solve: Cal
         for path in chunk:
             row = {"path": str(path), "text": None, "confidence": None, "char_confidences": None, "error": None}
             try:
-                arrays.append(load_input(path, input_size, name=path.name))
+                arrays.append(load_input(path, input_size, channels=channels, name=path.name))
                 good.append(row)
             except ImageDecodeError as exc:
                 row["error"] = str(exc)
@@ -155,10 +155,10 @@ def predict(cfg: DictConfig) -> list[dict]:
     files = collect_inputs(cfg.inputs)
     model_path = str(cfg.ckpt_path)
     if model_path.endswith(".onnx"):
-        input_size, solve = _onnx_model(model_path)
+        input_size, channels, solve = _onnx_model(model_path)
     else:
-        input_size, solve = _torch_model(model_path, str(cfg.get("device", "cpu")))
-    rows = predict_files(files, input_size, solve, batch_size)
+        input_size, channels, solve = _torch_model(model_path, str(cfg.get("device", "cpu")))
+    rows = predict_files(files, input_size, channels, solve, batch_size)
     errors = sum(r["error"] is not None for r in rows)
     print(format_table(rows))
     summary = f"\n{len(rows)} image(s), {errors} error(s)"

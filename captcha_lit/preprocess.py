@@ -102,21 +102,41 @@ def open_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
     return _to_rgb(image)
 
 
-def resize_to_input(image: Image.Image, input_size: tuple[int, int]) -> np.ndarray:
-    """RGB image -> (H, W, 3) uint8 array at the model's ``input_size`` = (height, width)."""
+def check_channels(mean, std) -> int:
+    """The number of input channels that a normalization implies: 3 (RGB) or 1 (grayscale).
+
+    ``mean`` and ``std`` hold one value per channel, so they are the one place where a model
+    says whether it reads color: every path (training data, eval, predict, export, serve)
+    derives the channel count from them."""
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise ValueError(f"data.mean={list(mean)} and data.std={list(std)} need one value per input channel, both 3 "
+                         "(RGB) or both 1 (grayscale)")
+    return len(mean)
+
+
+def resize_to_input(image: Image.Image, input_size: tuple[int, int], channels: int = 3) -> np.ndarray:
+    """RGB image -> (H, W, channels) uint8 array at the model's ``input_size`` = (height, width).
+
+    ``channels=1`` converts to grayscale (Pillow's ITU-R 601-2 luma) before resizing."""
     height, width = int(input_size[0]), int(input_size[1])
+    if channels == 1:
+        image = image.convert("L")
+    elif channels != 3:
+        raise ValueError(f"channels={channels}: use 3 (RGB) or 1 (grayscale)")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(image, dtype=np.uint8)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
 
 
-def load_input(source: ImageInput, input_size: tuple[int, int], *, name: str | None = None) -> np.ndarray:
+def load_input(source: ImageInput, input_size: tuple[int, int], *, channels: int = 3,
+               name: str | None = None) -> np.ndarray:
     """Decode and resize: the one preprocessing step before normalization."""
-    return resize_to_input(open_image(source, name=name), input_size)
+    return resize_to_input(open_image(source, name=name), input_size, channels)
 
 
 def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32, scaled to [0, 1] then normalized."""
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32, scaled to [0, 1] then normalized (C = len(mean))."""
     x = batch_hwc.astype(np.float32) * (1.0 / 255.0)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -26,7 +26,7 @@ import numpy as np
 from captcha_lit import __version__
 from captcha_lit.charset import Charset
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional
-from captcha_lit.preprocess import MAX_IMAGE_PIXELS, ImageInput, normalize, open_image, resize_to_input
+from captcha_lit.preprocess import MAX_IMAGE_PIXELS, ImageInput, check_channels, normalize, open_image, resize_to_input
 
 DECODERS = ("positional", "ctc")
 _REQUIRED_KEYS = ("charset", "input_size", "mean", "std", "decoder", "min_length", "max_length")
@@ -68,7 +68,8 @@ class ModelInfo:
             "end_class": "" if self.end_class is None else str(self.end_class),
             "blank": str(len(self.charset)) if self.decoder == "ctc" else "",
             "arch": self.arch, "captcha_lit_version": self.version, "beam_width": str(self.beam_width),
-            "input_layout": "NCHW float32, RGB scaled to [0, 1] then (x - mean) / std",
+            "input_layout": f"NCHW float32, {'RGB' if self.channels == 3 else 'grayscale'} scaled to [0, 1] then "
+                            "(x - mean) / std",
         }
 
     @classmethod
@@ -96,7 +97,16 @@ class ModelInfo:
             raise ValueError(f"{source}: decoder {info.decoder!r} in its metadata is not one of {', '.join(DECODERS)}")
         if len(info.input_size) != 2:
             raise ValueError(f"{source}: input_size {list(info.input_size)} in its metadata is not [height, width]")
+        try:
+            check_channels(info.mean, info.std)
+        except ValueError as exc:
+            raise ValueError(f"{source} has malformed captcha_lit metadata ({exc})") from None
         return info
+
+    @property
+    def channels(self) -> int:
+        """Input channels: 3 (RGB) or 1 (grayscale), one per normalization value."""
+        return len(self.mean)
 
     @property
     def num_outputs(self) -> int:
@@ -173,17 +183,18 @@ class Solver:
         return f"Solver({str(self.path)!r}, arch={self.info.arch!r}, decoder={self.info.decoder!r})"
 
     def load(self, image: ImageInput, *, name: str | None = None) -> np.ndarray:
-        """Decode and resize one image to the model input: (H, W, 3) uint8.
+        """Decode and resize one image to the model input: (H, W, C) uint8, C = ``info.channels``.
         Raises ``preprocess.ImageDecodeError`` (a ValueError) naming the problem."""
-        return resize_to_input(open_image(image, name=name, max_pixels=self.max_pixels), self.info.input_size)
+        return resize_to_input(open_image(image, name=name, max_pixels=self.max_pixels), self.info.input_size,
+                               self.info.channels)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 images at the model input size -> raw logits."""
+        """(N, H, W, C) uint8 images at the model input size -> raw logits."""
         batch = normalize(images, self.info.mean, self.info.std)
         return self._session.run(None, {self._input_name: batch})[0]
 
     def solve_arrays(self, images: np.ndarray) -> list[Solution]:
-        """Solve (N, H, W, 3) uint8 images that ``load`` produced."""
+        """Solve (N, H, W, C) uint8 images that ``load`` produced."""
         solutions: list[Solution] = []
         for start in range(0, len(images), self.batch_size):
             solutions.extend(self._decode(self.logits(images[start:start + self.batch_size])))

@@ -43,7 +43,8 @@ def torch_predictions(ckpt: Path, sources: list) -> tuple[list[str], list[float]
     """What the checkpoint's own CaptchaModule predicts for these images."""
     module, _ = load_module(ckpt)
     size = tuple(module.hparams.input_size)
-    batch = torch.from_numpy(np.stack([load_input(s, size) for s in sources])).permute(0, 3, 1, 2)
+    batch = torch.from_numpy(np.stack([load_input(s, size, channels=module.channels) for s in sources]))
+    batch = batch.permute(0, 3, 1, 2)
     with torch.inference_mode():
         texts, decoded = module.predict_texts(module.preprocess(batch))
     return texts, decoded.seq_conf

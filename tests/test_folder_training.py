@@ -81,7 +81,8 @@ def test_init_from_maps_output_rows_by_character(folder_run, make_cfg):
     _, metrics, _, _ = folder_run
     old = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     # Digits share 2-8 with the checkpoint's charset; 0, 1 and 9 are new.
-    cfg = make_cfg("train", [*SMALL_CRNN, "data.charset=0-9", "data.input_size=[32,128]"], name="finetune")
+    cfg = make_cfg("train", [*SMALL_CRNN, "data.charset=0-9", "data.input_size=[32,128]", "data.grayscale=false"],
+                   name="finetune")
     module = build_module(cfg)
     fresh = module.net.classifier.weight.detach().clone()
     summary = init_from_checkpoint(module, metrics["best_ckpt"])

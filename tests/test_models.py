@@ -82,6 +82,18 @@ def test_crnn_strided_stem_reads_full_resolution():
         get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(16, 128), **stem)
 
 
+def test_cnn_strided_stem_halves_the_input_once():
+    # The default cnn reads 64x160 gray: the stem halves it, four stages of 2x2 pooling end at 2x5.
+    net = get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1)
+    assert net.head.fc[2].in_features == 128 * 2 * 5
+    with torch.no_grad():
+        assert net.eval()(torch.randn(2, 1, 64, 160)).shape == (2, MAX_LEN, NUM_CLASSES)
+    with pytest.raises(ValueError, match=re.escape("use at least [32, 32]")):
+        get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(24, 160), stem=16)
+    with pytest.raises(ValueError, match=re.escape("model.stem=-1")):
+        get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=-1)
+
+
 @pytest.mark.parametrize("options, match", [
     ({"rnn": "transformer"}, "model.rnn='transformer': use 'gru', 'lstm' or 'conv'"),
     ({"stem": -1}, "model.stem=-1"),

@@ -40,6 +40,25 @@ def test_fast_dev_run(make_cfg, model):
     assert on_disk["global_step"] == 1  # fast_dev_run: exactly one training batch
 
 
+@pytest.mark.parametrize("experiment, expected", [
+    ("cnn", {"model.name": "cnn", "trainer.max_epochs": 8, "data.min_length": 5, "model.stem": 16}),
+    ("varlen", {"model.name": "crnn", "data.min_length": 4, "data.max_length": 7, "data.num_train": 150000}),
+])
+def test_experiment_recipes_compose_and_train(make_cfg, tmp_path, experiment, expected):
+    """The shipped recipes compose to what their files promise, and train end to end (at tiny size)."""
+    from omegaconf import OmegaConf
+
+    from conftest import _compose
+
+    recipe = _compose("train", [f"experiment={experiment}"], tmp_path / "recipe")
+    for key, value in expected.items():
+        found = OmegaConf.select(recipe, key)
+        assert (OmegaConf.to_container(found) if OmegaConf.is_config(found) else found) == value, key
+    cfg = make_cfg("train", [f"experiment={experiment}", "debug=fast"], name=f"experiment_{experiment}")
+    metrics = train(cfg)
+    assert metrics["global_step"] == 1 and 0.0 <= metrics["test/seq_acc"] <= 1.0
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, cache_dir):
     """One tiny real training run (1 epoch) shared by the checkpoint, eval and resume tests."""
@@ -85,7 +104,7 @@ def test_checkpoint_loads_safely(trained_run, which):
     assert module.decoder == "ctc"
     module.eval()
     with torch.no_grad():
-        texts, _ = module.predict_texts(torch.zeros(2, 3, 32, 96))
+        texts, _ = module.predict_texts(torch.zeros(2, module.channels, 32, 96))
     assert len(texts) == 2
 
 

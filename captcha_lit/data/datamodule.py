@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class CaptchaArrayDataset(Dataset):
-    """(N, H, W, 3) uint8 images with text labels -> dicts of a (3, H, W) uint8 image,
+    """(N, H, W, C) uint8 images with text labels -> dicts of a (C, H, W) uint8 image,
     the padded target indices, the length and the text."""
 
     def __init__(self, images: np.ndarray, texts: Sequence[str], charset: Charset, max_length: int, transform=None):
@@ -133,6 +133,7 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         width: int = 160,
         height: int = 60,
         input_size: Sequence[int] = (48, 128),
+        grayscale: bool = False,
         fonts: Sequence[str] | str | None = None,
         font_sizes: Sequence[int] | None = None,
         train_char_weights: dict | None = None,
@@ -160,7 +161,7 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
         self.spec = GeneratorSpec(
             charset=self.charset.chars, min_length=int(min_length), max_length=int(max_length),
             width=int(width), height=int(height), input_size=(int(input_size[0]), int(input_size[1])),
-            fonts=tuple(resolve_fonts(fonts)) if resolve_fonts(fonts) else None,
+            channels=1 if grayscale else 3, fonts=tuple(resolve_fonts(fonts)) if resolve_fonts(fonts) else None,
             font_sizes=tuple(int(s) for s in font_sizes) if font_sizes else None,
         )
         self.split_specs = {"train": replace(self.spec, char_weights=_char_weights(self.charset, train_char_weights)),
@@ -187,7 +188,8 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
             texts, _ = generate(spec, seed, split, count, workers=self.gen_workers, out=out, progress=True)
             return texts
 
-        return cache.get_or_build(self.cache_dir, f"synthetic-{split}", fields, count, build, (height, width, 3))
+        return cache.get_or_build(self.cache_dir, f"synthetic-{split}", fields, count, build,
+                                  (height, width, spec.channels))
 
     def label_spec(self) -> dict:
         """The charset and length range the model must be built for."""

@@ -124,6 +124,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         min_length: int | None = None,
         max_length: int | None = None,
         input_size: Sequence[int] = (32, 128),
+        grayscale: bool = False,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
@@ -171,6 +172,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             given = Charset(given.upper()).chars  # a duplicate after folding, e.g. 'aA', fails here
         self._given_charset = given
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.channels = 1 if grayscale else 3
         self.cache_dir = cache_dir
         self._init_loaders(batch_size, eval_batch_size, num_workers, augmentation)
         self.bad_files: list[dict] = []
@@ -234,7 +236,9 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             stat = (self.root / relpath).stat()
             files.append([relpath, stat.st_size, stat.st_mtime_ns])
         fields = {"root": str(self.root), "files": files, "input_size": list(self.input_size),
-                  "preprocess": PREPROCESS_VERSION}
+                  "preprocess": PREPROCESS_VERSION,
+                  # Only when not RGB, so that RGB folders keep their cache keys.
+                  **({"channels": self.channels} if self.channels != 3 else {})}
         height, width = self.input_size
 
         def build(out: np.ndarray) -> list[str]:
@@ -242,7 +246,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             errors = []
             for i, relpath in enumerate(relpaths):
                 try:
-                    out[i] = load_input(self.root / relpath, self.input_size, name=relpath)
+                    out[i] = load_input(self.root / relpath, self.input_size, channels=self.channels, name=relpath)
                     errors.append("")
                 except ImageDecodeError as exc:
                     out[i] = 0
@@ -250,7 +254,8 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             return errors
 
         # The cache's label list holds each file's decode error: labels come from names, not pixels.
-        return cache.get_or_build(self.cache_dir, "folder", fields, len(relpaths), build, (height, width, 3))
+        return cache.get_or_build(self.cache_dir, "folder", fields, len(relpaths), build,
+                                  (height, width, self.channels))
 
     def resolve(self) -> None:
         """Read labels, decode images (or load them from the cache), settle the charset and

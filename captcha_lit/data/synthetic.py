@@ -124,6 +124,7 @@ class GeneratorSpec:
     width: int = 160
     height: int = 60
     input_size: tuple[int, int] = (60, 160)
+    channels: int = 3  # 3: RGB, 1: grayscale
     fonts: tuple[str, ...] | None = None
     font_sizes: tuple[int, ...] | None = None
     # Sampling weight of each charset character in the drawn texts; None: uniform.
@@ -137,6 +138,8 @@ class GeneratorSpec:
             raise ValueError(
                 f"data.max_length={self.max_length} is less than data.min_length={self.min_length}"
             )
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels}: use 3 (RGB) or 1 (grayscale)")
         if self.width < 8 or self.height < 8:
             raise ValueError(f"data.width x data.height = {self.width}x{self.height} is too small; use at least 8x8")
         chars = Charset(self.charset).chars  # validates
@@ -160,6 +163,8 @@ class GeneratorSpec:
             "width": self.width,
             "height": self.height,
             "input_size": list(self.input_size),
+            # Only when not RGB, so that RGB datasets keep their cache keys.
+            **({"channels": self.channels} if self.channels != 3 else {}),
             "fonts": [_font_identity(f) for f in self.fonts] if self.fonts else None,
             "font_sizes": list(self.font_sizes) if self.font_sizes else None,
             # Only when set, so that uniform datasets keep their cache keys.
@@ -199,7 +204,7 @@ class CaptchaGenerator:
             text = "".join(rng.choices(self.charset.chars, weights=self.spec.char_weights, k=length))
         with _seeded_captcha(rng):
             image = self._captcha.generate_image(text)
-        return text, resize_to_input(image, self.spec.input_size)
+        return text, resize_to_input(image, self.spec.input_size, self.spec.channels)
 
 
 _worker_generator: CaptchaGenerator | None = None
@@ -271,7 +276,7 @@ def generate(
     chunk_size: int = 256,
     progress: bool = False,
 ) -> tuple[list[str], np.ndarray]:
-    """Generate ``count`` images -> (texts, uint8 array of shape (count, H, W, 3)).
+    """Generate ``count`` images -> (texts, uint8 array of shape (count, H, W, C), C = ``spec.channels``).
 
     ``out`` may be a preallocated (e.g. memory-mapped) array to fill in place.
     """
@@ -281,7 +286,7 @@ def generate(
     parallel = workers > 1 and len(chunks) > 1
     forked = parallel and _pool_context().get_start_method() == "fork"
     if out is None:
-        shape = (count, height, width, 3)
+        shape = (count, height, width, spec.channels)
         out = _shared_array(shape) if forked else np.empty(shape, dtype=np.uint8)
     # Forked workers share file-backed memmaps and our shared arrays, so they write in place.
     shared_out = out if forked and (isinstance(out, np.memmap) or _is_shared(out)) else None

@@ -22,15 +22,15 @@ AUGMENTATION_BACKENDS = ("batch", "torchvision")
 
 
 def to_chw_uint8(image) -> torch.Tensor:
-    """(H, W, 3) uint8 array or tensor -> (3, H, W) uint8 tensor."""
+    """(H, W, C) uint8 array or tensor -> (C, H, W) uint8 tensor, C = 3 (RGB) or 1 (grayscale)."""
     tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(image)
-    if tensor.ndim == 3 and tensor.shape[-1] == 3 and tensor.shape[0] != 3:
+    if tensor.ndim == 3 and tensor.shape[-1] in (1, 3) and tensor.shape[0] not in (1, 3):
         tensor = tensor.permute(2, 0, 1)
     return tensor.contiguous()
 
 
 class EvalPreset:
-    """uint8 (3, H, W) image or (B, 3, H, W) batch -> normalized float32."""
+    """uint8 (C, H, W) image or (B, C, H, W) batch -> normalized float32 (C = len(mean): 3 or 1)."""
 
     def __init__(self, *, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
         self.to_float = v2.ToDtype(torch.float32, scale=True)
@@ -135,8 +135,9 @@ _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.2
 
 
 class BatchAugment(torch.nn.Module):
-    """The same augmentations as ``TrainPreset``, on a whole (B, 3, H, W) float batch in [0, 1],
-    with independent random parameters per sample.
+    """The same augmentations as ``TrainPreset``, on a whole (B, C, H, W) float batch in [0, 1],
+    with independent random parameters per sample. On grayscale batches (C = 1) saturation,
+    hue and grayscale conversion have nothing to change and are skipped.
 
     Per-sample torchvision transforms cost about 2 ms an image on this project's
     reference CPU, as much as a training step itself; vectorized over the batch
@@ -190,10 +191,12 @@ class BatchAugment(torch.nn.Module):
         return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
+        b, channels = x.shape[:2]
         if self.rotation or self.shear or any(self.translate) or self.scale != (1.0, 1.0):
             x = self._affine(x)
-        gray_weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        color = channels == 3
+        gray_weights = (torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) if color
+                        else torch.ones(1, 1, 1, 1, device=x.device, dtype=x.dtype))
         if self.brightness:
             factor = self._uniform(b, max(0.0, 1 - self.brightness), 1 + self.brightness, x).view(b, 1, 1, 1)
             mask = self._apply_mask(b, self.p, x)
@@ -203,12 +206,12 @@ class BatchAugment(torch.nn.Module):
             mask = self._apply_mask(b, self.p, x)
             mean = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
             x = x + mask * (factor - 1) * (x - mean)
-        if self.saturation:
+        if self.saturation and color:
             factor = self._uniform(b, max(0.0, 1 - self.saturation), 1 + self.saturation, x).view(b, 1, 1, 1)
             mask = self._apply_mask(b, self.p, x)
             gray = (x * gray_weights).sum(1, keepdim=True)
             x = x + mask * (factor - 1) * (x - gray)
-        if self.hue:
+        if self.hue and color:
             theta = self._uniform(b, -self.hue, self.hue, x) * 2 * torch.pi
             theta = theta * self._apply_mask(b, self.p, x).view(b)
             cos, sin = theta.cos(), theta.sin()
@@ -218,13 +221,14 @@ class BatchAugment(torch.nn.Module):
             yiq = _RGB_TO_YIQ.to(x)
             mix = torch.linalg.inv(yiq) @ rot @ yiq
             x = torch.einsum("bij,bjhw->bihw", mix, x)
-        if self.grayscale_prob:
+        if self.grayscale_prob and color:
             mask = self._apply_mask(b, self.grayscale_prob, x)
             x = x + mask * ((x * gray_weights).sum(1, keepdim=True) - x)
         if self.blur_prob:
             kernel = torch.tensor([0.25, 0.5, 0.25], device=x.device, dtype=x.dtype)
-            kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
-            blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+            kernel = (kernel[:, None] * kernel[None, :]).expand(channels, 1, 3, 3)
+            blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), kernel,
+                                                 groups=channels)
             mask = self._apply_mask(b, self.blur_prob, x)
             x = x + mask * (blurred - x)
         x = x.clamp(0, 1)

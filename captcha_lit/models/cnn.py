@@ -17,18 +17,26 @@ class CaptchaCNN(nn.Module):
     shared_position_features = True
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
-                 convs_per_stage: int, hidden: int, dropout: float, in_channels: int = 3):
+                 convs_per_stage: int, hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
+                 stem_stride: int = 2):
         super().__init__()
-        check_input_size("cnn", input_size, (2 ** len(channels), 2 ** len(channels)))
+        if stem < 0 or stem_stride < 1:
+            raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
+                             "(0: no stem) and stem_stride >= 1")
+        down = (2 ** len(channels)) * (stem_stride if stem else 1)
+        check_input_size("cnn", input_size, (down, down))
         layers: list[nn.Module] = []
         prev = in_channels
+        if stem:  # a strided first convolution: reads every pixel of a large input at a quarter of the cost
+            layers.append(conv_bn_relu(prev, stem, stride=stem_stride))
+            prev = stem
         for ch in channels:
             for _ in range(convs_per_stage):
                 layers.append(conv_bn_relu(prev, ch))
                 prev = ch
             layers.append(nn.MaxPool2d(2))
         self.backbone = nn.Sequential(*layers)
-        out_h, out_w = int(input_size[0]) >> len(channels), int(input_size[1]) >> len(channels)
+        out_h, out_w = int(input_size[0]) // down, int(input_size[1]) // down
         self.head = FlattenHeads(prev * out_h * out_w, num_classes, max_length, hidden, dropout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,5 +52,7 @@ class CaptchaCNN(nn.Module):
 
 @register_model("cnn", decoder="positional")
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
-        convs_per_stage: int = 1, hidden: int = 512, dropout: float = 0.1) -> CaptchaCNN:
-    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout)
+        convs_per_stage: int = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3, stem: int = 0,
+        stem_stride: int = 2) -> CaptchaCNN:
+    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
+                      int(in_channels), int(stem), int(stem_stride))

@@ -16,15 +16,16 @@ class CRNN(nn.Module):
     decoder = "ctc"
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
-                 strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2):
+                 strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2,
+                 in_channels: int = 3):
         super().__init__()
         if backbone == "vgg":
-            self.backbone = VGGBackbone(channels, strides, stem=stem, stem_stride=stem_stride)
+            self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride)
         elif backbone == "resnet":
             if stem:
                 raise ValueError(f"model.stem={stem} is for backbone=vgg; backbone=resnet has its own stem, "
                                  "so set model.stem=0")
-            self.backbone = ResNetBackbone(channels, blocks, strides)
+            self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
         else:
             raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")
         check_input_size("crnn", input_size, self.backbone.downsample)
@@ -66,6 +67,7 @@ class CRNN(nn.Module):
 def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",
          channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
          strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "conv",
-         rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2) -> CRNN:
+         rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
-                tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride))
+                tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
+                int(in_channels))

@@ -63,6 +63,6 @@ def get_model(name: str, **kwargs) -> nn.Module:
         if unknown:
             raise ValueError(
                 f"model {name!r} has no option(s) {', '.join(unknown)}; its options are: "
-                f"{', '.join(p for p in params if p not in ('num_classes', 'max_length', 'input_size'))}"
+                f"{', '.join(p for p in params if p not in ('num_classes', 'max_length', 'input_size', 'in_channels'))}"
             )
     return builder(**kwargs)

@@ -68,9 +68,9 @@ class CaptchaResNet(nn.Module):
     decoder = "positional"
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels, blocks, strides,
-                 dim: int, head: str, dropout: float):
+                 dim: int, head: str, dropout: float, in_channels: int = 3):
         super().__init__()
-        self.backbone = ResNetBackbone(channels, blocks, strides)
+        self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
         check_input_size("resnet", input_size, self.backbone.downsample)
         out_h = int(input_size[0]) // self.backbone.downsample[0]
         out_w = int(input_size[1]) // self.backbone.downsample[1]
@@ -102,6 +102,6 @@ class CaptchaResNet(nn.Module):
 @register_model("resnet", decoder="positional")
 def resnet(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (32, 64, 128, 192),
            blocks: Sequence[int] = (1, 1, 1, 1), strides: Sequence[Sequence[int]] = ((1, 1), (2, 2), (2, 1), (2, 1)),
-           dim: int = 192, head: str = "attention", dropout: float = 0.1) -> CaptchaResNet:
+           dim: int = 192, head: str = "attention", dropout: float = 0.1, in_channels: int = 3) -> CaptchaResNet:
     return CaptchaResNet(num_classes, max_length, input_size, tuple(channels), tuple(blocks),
-                         tuple(tuple(s) for s in strides), dim, head, dropout)
+                         tuple(tuple(s) for s in strides), dim, head, dropout, int(in_channels))
