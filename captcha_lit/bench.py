@@ -169,7 +169,8 @@ def bench_throughput(repeats: int) -> dict:
         "default": _throughput([], repeats),
         "cnn": _throughput(["model=cnn"], repeats),
         "baseline_seed_cnn_64x160": _throughput(["model=cnn", "model.channels=[32,64,128,256]",
-                                                          "data.input_size=[64,160]", "augmentation=none"], repeats),
+                                                          "model.stem=0", "data.input_size=[64,160]", "data.grayscale=false",
+                                                          "augmentation=none"], repeats),
     }
 
 
