@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import FlattenHeads, check_input_size, conv_bn_relu
+from captcha_lit.models.layers import FlattenHeads, check_input_size, conv_bn_relu, strided_stem
 from captcha_lit.models.registry import register_model
 
 
@@ -20,16 +20,10 @@ class CaptchaCNN(nn.Module):
                  convs_per_stage: int, hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
                  stem_stride: int = 2):
         super().__init__()
-        if stem < 0 or stem_stride < 1:
-            raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
-                             "(0: no stem) and stem_stride >= 1")
+        layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
         down = (2 ** len(channels)) * (stem_stride if stem else 1)
         check_input_size("cnn", input_size, (down, down))
-        layers: list[nn.Module] = []
-        prev = in_channels
-        if stem:  # a strided first convolution: reads every pixel of a large input at a quarter of the cost
-            layers.append(conv_bn_relu(prev, stem, stride=stem_stride))
-            prev = stem
+        prev = stem or in_channels
         for ch in channels:
             for _ in range(convs_per_stage):
                 layers.append(conv_bn_relu(prev, ch))

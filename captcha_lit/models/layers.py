@@ -16,6 +16,15 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> n
     )
 
 
+def strided_stem(in_ch: int, stem: int, stem_stride: int) -> list[nn.Module]:
+    """An optional strided first convolution (``stem`` channels; 0: none) that reads every pixel
+    of a large input and shrinks it by ``stem_stride``, so the layers after it cost less."""
+    if stem < 0 or stem_stride < 1:
+        raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
+                         "(0: no stem) and stem_stride >= 1")
+    return [conv_bn_relu(in_ch, stem, stride=stem_stride)] if stem else []
+
+
 def check_input_size(name: str, input_size: Sequence[int], downsample: tuple[int, int], min_out: tuple[int, int] = (1, 1)) -> None:
     """Fail early, naming the size, when the feature map would vanish."""
     height, width = int(input_size[0]), int(input_size[1])
@@ -100,15 +109,9 @@ class VGGBackbone(nn.Module):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"model.channels has {len(channels)} stages but model.strides has {len(strides)}")
-        if stem < 0 or stem_stride < 1:
-            raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
-                             "(0: no stem) and stem_stride >= 1")
-        layers: list[nn.Module] = []
-        prev = in_channels
-        stem_down = 1
-        if stem:
-            layers.append(conv_bn_relu(prev, stem, stride=stem_stride))
-            prev, stem_down = stem, stem_stride
+        layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
+        prev = stem or in_channels
+        stem_down = stem_stride if stem else 1
         for ch, stride in zip(channels, strides):
             layers.append(conv_bn_relu(prev, ch))
             if tuple(stride) != (1, 1):
