@@ -169,7 +169,8 @@ def bench_throughput(repeats: int) -> dict:
         "default": _throughput([], repeats),
         "cnn": _throughput(["model=cnn"], repeats),
         "baseline_seed_cnn_64x160": _throughput(["model=cnn", "model.channels=[32,64,128,256]",
-                                                          "model.stem=0", "data.input_size=[64,160]", "data.grayscale=false",
+                                                          "model.stem=0", "model.downsample=maxpool", "model.convs_per_stage=1",
+                                                          "model.hidden=512", "data.input_size=[64,160]", "data.grayscale=false",
                                                           "augmentation=none"], repeats),
     }
 

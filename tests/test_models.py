@@ -94,8 +94,79 @@ def test_cnn_strided_stem_halves_the_input_once():
         get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=-1)
 
 
+@pytest.mark.parametrize("name, options", [
+    ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]])),
+    ("cnn", dict(stem=16)),
+])
+def test_strided_downsampling_keeps_the_output_and_drops_the_pools(name, options):
+    # model.downsample=stride swaps each conv + max-pool for one strided conv: the same feature-map
+    # sizes (so the same heads and time steps), no pooling layer, and still a model that learns.
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, **options)
+    pooled = get_model(name, **kwargs)
+    strided = get_model(name, downsample="stride", **kwargs)
+    x = torch.randn(4, 1, 64, 160)
+    with torch.no_grad():
+        assert strided.eval()(x).shape == pooled.eval()(x).shape
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in pooled.modules())
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in strided.modules())
+    strided.train()
+    opt = torch.optim.Adam(strided.parameters(), 1e-3)
+    target = torch.randint(0, NUM_CLASSES, (4, MAX_LEN))
+
+    def loss_now():
+        out = strided(x)
+        if name == "crnn":  # CTC over the time steps, blank = class 0
+            logp = out.log_softmax(-1).transpose(0, 1)
+            return torch.nn.functional.ctc_loss(logp, target + 1, torch.full((4,), logp.shape[0]),
+                                                torch.full((4,), MAX_LEN))
+        return torch.nn.functional.cross_entropy(out.reshape(-1, NUM_CLASSES), target.reshape(-1))
+
+    first = loss_now()
+    for _ in range(15):
+        opt.zero_grad()
+        loss = loss_now()
+        loss.backward()
+        opt.step()
+    assert loss_now().item() < first.item() * 0.7
+
+
+@pytest.mark.parametrize("downsample", ["maxpool", "stride"])
+@pytest.mark.parametrize("size", [(64, 160), (65, 161), (50, 130)])
+def test_odd_input_sizes_build_the_layers_they_run(downsample, size):
+    # A padded strided convolution rounds an odd size up where max-pooling rounds it down; the
+    # heads and the CTC length must follow the feature map the layers really produce.
+    x = torch.randn(2, 1, *size)
+    crnn = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1, stem=16,
+                     strides=[[2, 2], [2, 1], [2, 1], [2, 1]], downsample=downsample).eval()
+    cnn = get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1, stem=16,
+                    downsample=downsample).eval()
+    with torch.no_grad():
+        assert crnn(x).shape == (2, crnn.seq_len, NUM_CLASSES + 1)
+        assert cnn(x).shape == (2, MAX_LEN, NUM_CLASSES)
+
+
+def test_cnn_convs_per_stage_one_count_or_one_per_stage():
+    def convs(net):
+        return sum(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
+
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16)
+    assert convs(get_model("cnn", convs_per_stage=2, **kwargs)) == 1 + 4 * 2  # the stem, then 2 per stage
+    assert convs(get_model("cnn", convs_per_stage=[1, 2, 2, 3], **kwargs)) == 1 + 8
+    for bad in ([1, 2], 0, [1, 0, 1, 1]):
+        with pytest.raises(ValueError, match=re.escape(f"model.convs_per_stage={bad}: use one count >= 1, or 4")):
+            get_model("cnn", convs_per_stage=bad, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["crnn", "cnn"])
+def test_unknown_downsampling_is_named(name):
+    with pytest.raises(ValueError, match=re.escape("model.downsample='avgpool': use one of maxpool, stride")):
+        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), downsample="avgpool")
+
+
 @pytest.mark.parametrize("options, match", [
     ({"rnn": "transformer"}, "model.rnn='transformer': use 'gru', 'lstm' or 'conv'"),
+    ({"backbone": "resnet", "downsample": "stride"}, "model.downsample='stride' is for backbone=vgg"),
+    ({"backbone": "resnet", "stem": 16, "downsample": "stride"}, "so set model.stem=0 model.downsample=maxpool"),
     ({"stem": -1}, "model.stem=-1"),
     ({"backbone": "resnet", "stem": 16}, "model.stem=16 is for backbone=vgg"),
     ({"rnn": "conv", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),

@@ -41,7 +41,8 @@ def test_fast_dev_run(make_cfg, model):
 
 
 @pytest.mark.parametrize("experiment, expected", [
-    ("cnn", {"model.name": "cnn", "trainer.max_epochs": 8, "data.min_length": 5, "model.stem": 16}),
+    ("cnn", {"model.name": "cnn", "trainer.max_epochs": 5, "data.min_length": 5, "model.stem": 16,
+             "model.convs_per_stage": 2, "model.downsample": "maxpool"}),
     ("varlen", {"model.name": "crnn", "data.min_length": 4, "data.max_length": 7, "data.num_train": 150000}),
 ])
 def test_experiment_recipes_compose_and_train(make_cfg, tmp_path, experiment, expected):
@@ -216,6 +217,7 @@ CLI_CASES = {
     "charset": (["captcha_lit.train", "data.charset=AAB"], ["'AAB'", "duplicate", "'A'"]),
     "length": (["captcha_lit.train", "data.length=0"], ["length", "at least 1"]),
     "input_size": (["captcha_lit.train", "data.input_size=[8,8]"], ["[8, 8]", "too small"]),
+    "backbone": (["captcha_lit.train", "model.backbone=resnet"], ["model.stem=16 is for backbone=vgg", "model.stem=0"]),
     "eval_ckpt": (["captcha_lit.eval", "ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
 }
 

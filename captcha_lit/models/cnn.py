@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import FlattenHeads, check_input_size, conv_bn_relu, strided_stem
+from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_bn_relu, downsampling_stage,
+                                       stack_output_size, strided_stem)
 from captcha_lit.models.registry import register_model
 
 
@@ -17,20 +18,21 @@ class CaptchaCNN(nn.Module):
     shared_position_features = True
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
-                 convs_per_stage: int, hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
-                 stem_stride: int = 2):
+                 convs_per_stage: int | Sequence[int], hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
+                 stem_stride: int = 2, downsample: str = "maxpool"):
         super().__init__()
         layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
         down = (2 ** len(channels)) * (stem_stride if stem else 1)
         check_input_size("cnn", input_size, (down, down))
         prev = stem or in_channels
-        for ch in channels:
-            for _ in range(convs_per_stage):
+        for ch, convs in zip(channels, _per_stage(convs_per_stage, len(channels))):
+            for _ in range(convs - 1):
                 layers.append(conv_bn_relu(prev, ch))
                 prev = ch
-            layers.append(nn.MaxPool2d(2))
+            layers += downsampling_stage(prev, ch, (2, 2), downsample)
+            prev = ch
         self.backbone = nn.Sequential(*layers)
-        out_h, out_w = int(input_size[0]) // down, int(input_size[1]) // down
+        out_h, out_w = stack_output_size(self.backbone, input_size)
         self.head = FlattenHeads(prev * out_h * out_w, num_classes, max_length, hidden, dropout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +46,20 @@ class CaptchaCNN(nn.Module):
         return {f"head.{name}": dim for name, dim in self.head.output_class_dims().items()}
 
 
+def _per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
+    """model.convs_per_stage: one count for every stage, or one per stage (>= 1 each)."""
+    counts = [int(convs_per_stage)] * stages if isinstance(convs_per_stage, int) else [int(c) for c in convs_per_stage]
+    if len(counts) != stages or min(counts) < 1:
+        given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
+        raise ValueError(f"model.convs_per_stage={given}: use one count >= 1, or {stages} of them "
+                         f"(one per stage of model.channels)")
+    return counts
+
+
 @register_model("cnn", decoder="positional")
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
-        convs_per_stage: int = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3, stem: int = 0,
-        stem_stride: int = 2) -> CaptchaCNN:
-    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
-                      int(in_channels), int(stem), int(stem_stride))
+        convs_per_stage: int | Sequence[int] = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3,
+        stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool") -> CaptchaCNN:
+    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels),
+                      convs_per_stage if isinstance(convs_per_stage, int) else tuple(convs_per_stage), hidden, dropout,
+                      int(in_channels), int(stem), int(stem_stride), str(downsample))

@@ -17,20 +17,25 @@ class CRNN(nn.Module):
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
                  strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2,
-                 in_channels: int = 3):
+                 in_channels: int = 3, downsample: str = "maxpool"):
         super().__init__()
         if backbone == "vgg":
-            self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride)
+            self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride,
+                                        downsample=downsample)
         elif backbone == "resnet":
-            if stem:
-                raise ValueError(f"model.stem={stem} is for backbone=vgg; backbone=resnet has its own stem, "
-                                 "so set model.stem=0")
+            # Both are vgg options, and the crnn config sets both: name every one to change at once.
+            vgg_only = {"stem": (stem, 0), "downsample": (downsample, "maxpool")}
+            set_here = {name: (value, neutral) for name, (value, neutral) in vgg_only.items() if value != neutral}
+            if set_here:
+                given = ", ".join(f"model.{name}={value!r}" for name, (value, _) in set_here.items())
+                fix = " ".join(f"model.{name}={neutral}" for name, (_, neutral) in set_here.items())
+                raise ValueError(f"{given} {'is' if len(set_here) == 1 else 'are'} for backbone=vgg; backbone=resnet "
+                                 f"has its own stem and strided residual blocks, so set {fix}")
             self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
         else:
             raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")
         check_input_size("crnn", input_size, self.backbone.downsample)
-        out_h = int(input_size[0]) // self.backbone.downsample[0]
-        self.seq_len = int(input_size[1]) // self.backbone.downsample[1]
+        out_h, self.seq_len = self.backbone.output_size(input_size)
         if self.seq_len < 2 * max_length + 1:
             raise ValueError(
                 f"data.input_size width {input_size[1]} gives model 'crnn' only {self.seq_len} time steps, but CTC "
@@ -67,7 +72,8 @@ class CRNN(nn.Module):
 def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",
          channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
          strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "conv",
-         rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3) -> CRNN:
+         rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3,
+         downsample: str = "maxpool") -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
                 tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
-                int(in_channels))
+                int(in_channels), str(downsample))

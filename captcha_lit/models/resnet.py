@@ -48,6 +48,9 @@ class ResNetBackbone(nn.Module):
         self.out_channels = prev
         self.downsample = (2 * _prod(s[0] for s in strides), 2 * _prod(s[1] for s in strides))
 
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        return int(input_size[0]) // self.downsample[0], int(input_size[1]) // self.downsample[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
 
