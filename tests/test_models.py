@@ -145,6 +145,18 @@ def test_odd_input_sizes_build_the_layers_they_run(downsample, size):
         assert cnn(x).shape == (2, MAX_LEN, NUM_CLASSES)
 
 
+@pytest.mark.parametrize("size", [(64, 160), (63, 160), (50, 130), (36, 100)])
+def test_odd_input_sizes_through_residual_blocks(size):
+    # A strided residual block's conv rounds an odd size up; its shortcut must round the same way.
+    x = torch.randn(2, 1, *size)
+    resnet = get_model("resnet", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1).eval()
+    crnn = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1,
+                     backbone="resnet").eval()
+    with torch.no_grad():
+        assert resnet(x).shape == (2, MAX_LEN, NUM_CLASSES)
+        assert crnn(x).shape == (2, crnn.seq_len, NUM_CLASSES + 1)
+
+
 def test_cnn_convs_per_stage_one_count_or_one_per_stage():
     def convs(net):
         return sum(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())

@@ -60,6 +60,5 @@ def _per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
         convs_per_stage: int | Sequence[int] = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3,
         stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool") -> CaptchaCNN:
-    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels),
-                      convs_per_stage if isinstance(convs_per_stage, int) else tuple(convs_per_stage), hidden, dropout,
+    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
                       int(in_channels), int(stem), int(stem_stride), str(downsample))

@@ -23,14 +23,14 @@ class CRNN(nn.Module):
             self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride,
                                         downsample=downsample)
         elif backbone == "resnet":
-            # Both are vgg options, and the crnn config sets both: name every one to change at once.
-            vgg_only = {"stem": (stem, 0), "downsample": (downsample, "maxpool")}
-            set_here = {name: (value, neutral) for name, (value, neutral) in vgg_only.items() if value != neutral}
-            if set_here:
-                given = ", ".join(f"model.{name}={value!r}" for name, (value, _) in set_here.items())
-                fix = " ".join(f"model.{name}={neutral}" for name, (_, neutral) in set_here.items())
-                raise ValueError(f"{given} {'is' if len(set_here) == 1 else 'are'} for backbone=vgg; backbone=resnet "
-                                 f"has its own stem and strided residual blocks, so set {fix}")
+            # Name every vgg-only option that is set, so that one fix works.
+            wrong = [(f"model.stem={stem}", "model.stem=0")] if stem else []
+            if downsample != "maxpool":
+                wrong.append((f"model.downsample={downsample!r}", "model.downsample=maxpool"))
+            if wrong:
+                raise ValueError(f"{', '.join(given for given, _ in wrong)} {'is' if len(wrong) == 1 else 'are'} for "
+                                 "backbone=vgg; backbone=resnet has its own stem and strided residual blocks, so set "
+                                 + " ".join(fix for _, fix in wrong))
             self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
         else:
             raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")

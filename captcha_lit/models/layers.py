@@ -46,11 +46,13 @@ def downsampling_stage(in_ch: int, out_ch: int, stride: Sequence[int], downsampl
     return [conv_bn_relu(in_ch, out_ch), nn.MaxPool2d(stride)]
 
 
-def stack_output_size(stack: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
-    """(h, w) of the feature map after a plain stack of convolutions and max-poolings, by their own
-    size formulas: a padded strided convolution rounds up where pooling rounds down."""
+def stack_output_size(stack: nn.Module | Sequence[nn.Module], input_size: Sequence[int]) -> tuple[int, int]:
+    """(h, w) of the feature map after a plain stack of convolutions and max-poolings (a module, or
+    the modules of one path in order), by their own size formulas: a padded strided convolution
+    rounds up where pooling rounds down."""
     h, w = int(input_size[0]), int(input_size[1])
-    for m in stack.modules():
+    modules = stack.modules() if isinstance(stack, nn.Module) else (m for part in stack for m in part.modules())
+    for m in modules:
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
                 nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import FlattenHeads, PositionAttentionHead, _prod, check_input_size, conv_bn_relu
+from captcha_lit.models.layers import (FlattenHeads, PositionAttentionHead, _prod, check_input_size, conv_bn_relu,
+                                       stack_output_size)
 from captcha_lit.models.registry import register_model
 
 
@@ -22,7 +23,8 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Identity()
         if stride != (1, 1) or in_ch != out_ch:
             self.shortcut = nn.Sequential(
-                nn.AvgPool2d(stride, stride) if stride != (1, 1) else nn.Identity(),
+                # Rounds an odd size up, as the strided conv1 does, so the two paths always add up.
+                nn.AvgPool2d(stride, stride, ceil_mode=True) if stride != (1, 1) else nn.Identity(),
                 nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch),
             )
 
@@ -49,7 +51,9 @@ class ResNetBackbone(nn.Module):
         self.downsample = (2 * _prod(s[0] for s in strides), 2 * _prod(s[1] for s in strides))
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
-        return int(input_size[0]) // self.downsample[0], int(input_size[1]) // self.downsample[1]
+        main_path = [self.stem] + [conv for block in self.stages.modules() if isinstance(block, BasicBlock)
+                                   for conv in (block.conv1, block.conv2)]
+        return stack_output_size(main_path, input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
@@ -75,8 +79,7 @@ class CaptchaResNet(nn.Module):
         super().__init__()
         self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
         check_input_size("resnet", input_size, self.backbone.downsample)
-        out_h = int(input_size[0]) // self.backbone.downsample[0]
-        out_w = int(input_size[1]) // self.backbone.downsample[1]
+        out_h, out_w = self.backbone.output_size(input_size)
         self.head_kind = head
         if head == "attention":
             self.neck = SequenceNeck(self.backbone.out_channels, out_h, dim, dropout)
