@@ -109,16 +109,21 @@ def test_strided_downsampling_keeps_the_output_and_drops_the_pools(name, options
         assert strided.eval()(x).shape == pooled.eval()(x).shape
     assert any(isinstance(m, torch.nn.MaxPool2d) for m in pooled.modules())
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in strided.modules())
-    strided.train()
-    opt = torch.optim.Adam(strided.parameters(), 1e-3)
-    target = torch.randint(0, NUM_CLASSES, (4, MAX_LEN))
+    _assert_learns(name, strided, x)
+
+
+def _assert_learns(name, net, x):
+    """A few Adam steps on one batch of random targets cut the model's loss by 30%."""
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    target = torch.randint(0, NUM_CLASSES, (len(x), MAX_LEN))
 
     def loss_now():
-        out = strided(x)
+        out = net(x)
         if name == "crnn":  # CTC over the time steps, blank = class 0
             logp = out.log_softmax(-1).transpose(0, 1)
-            return torch.nn.functional.ctc_loss(logp, target + 1, torch.full((4,), logp.shape[0]),
-                                                torch.full((4,), MAX_LEN))
+            return torch.nn.functional.ctc_loss(logp, target + 1, torch.full((len(x),), logp.shape[0]),
+                                                torch.full((len(x),), MAX_LEN))
         return torch.nn.functional.cross_entropy(out.reshape(-1, NUM_CLASSES), target.reshape(-1))
 
     first = loss_now()
@@ -130,7 +135,39 @@ def test_strided_downsampling_keeps_the_output_and_drops_the_pools(name, options
     assert loss_now().item() < first.item() * 0.7
 
 
-@pytest.mark.parametrize("downsample", ["maxpool", "stride"])
+@pytest.mark.parametrize("name, options, full_size_norms, out_size", [
+    ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]]), (2, 1), (2, 40)),  # the stem's and stage 1's
+    ("cnn", dict(stem=16, convs_per_stage=2), (3, 2), (2, 5)),  # the stem's and stage 1's two
+])
+def test_pool_first_normalizes_the_pooled_map(name, options, full_size_norms, out_size):
+    # model.downsample=pool_first keeps the same layers and parameters as maxpool, but each stage's
+    # last batch norm and ReLU run after its max-pooling, at the reduced size.
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, **options)
+    pooled = get_model(name, **kwargs).eval()
+    early = get_model(name, downsample="pool_first", **kwargs).eval()
+    assert [p.shape for p in early.parameters()] == [p.shape for p in pooled.parameters()]
+
+    def norm_input_sizes(net):
+        sizes = []
+        hooks = [m.register_forward_pre_hook(lambda _, inputs: sizes.append(tuple(inputs[0].shape[-2:])))
+                 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad():
+            out = net(x)
+        for h in hooks:
+            h.remove()
+        return sizes, out.shape
+
+    x = torch.randn(4, 1, 64, 160)
+    (pooled_sizes, pooled_shape), (early_sizes, early_shape) = norm_input_sizes(pooled), norm_input_sizes(early)
+    assert early_shape == pooled_shape
+    assert (pooled_sizes.count((32, 80)), early_sizes.count((32, 80))) == full_size_norms
+    assert len(early_sizes) == len(pooled_sizes)
+    # the last stage normalizes the backbone's output; with maxpool, the map before its last pool
+    assert early_sizes[-1] == out_size and pooled_sizes[-1] != out_size
+    _assert_learns(name, early, x)
+
+
+@pytest.mark.parametrize("downsample", ["maxpool", "pool_first", "stride"])
 @pytest.mark.parametrize("size", [(64, 160), (63, 160), (65, 161), (50, 130)])
 def test_odd_input_sizes_build_the_layers_they_run(downsample, size):
     # A padded strided convolution rounds an odd size up where max-pooling rounds it down; the
@@ -157,21 +194,31 @@ def test_odd_input_sizes_through_residual_blocks(size):
         assert crnn(x).shape == (2, crnn.seq_len, NUM_CLASSES + 1)
 
 
-def test_cnn_convs_per_stage_one_count_or_one_per_stage():
+@pytest.mark.parametrize("name, options", [
+    ("cnn", {}),
+    ("crnn", dict(strides=[[2, 2], [2, 1], [2, 1], [2, 1]])),
+])
+def test_convs_per_stage_one_count_or_one_per_stage(name, options):
     def convs(net):
         return sum(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
 
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16)
-    assert convs(get_model("cnn", convs_per_stage=2, **kwargs)) == 1 + 4 * 2  # the stem, then 2 per stage
-    assert convs(get_model("cnn", convs_per_stage=[1, 2, 2, 3], **kwargs)) == 1 + 8
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1, **options)
+    single = get_model(name, **kwargs)
+    assert convs(single) == 1 + 4  # the stem, then one per stage
+    assert convs(get_model(name, convs_per_stage=2, **kwargs)) == 1 + 4 * 2
+    deeper = get_model(name, convs_per_stage=[2, 1, 1, 1], **kwargs)
+    assert convs(deeper) == 1 + 5
+    x = torch.randn(2, 1, 64, 160)
+    with torch.no_grad():  # the extra convolutions keep the stage's size: the same output
+        assert deeper.eval()(x).shape == single.eval()(x).shape
     for bad in ([1, 2], 0, [1, 0, 1, 1]):
         with pytest.raises(ValueError, match=re.escape(f"model.convs_per_stage={bad}: use one count >= 1, or 4")):
-            get_model("cnn", convs_per_stage=bad, **kwargs)
+            get_model(name, convs_per_stage=bad, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["crnn", "cnn"])
 def test_unknown_downsampling_is_named(name):
-    with pytest.raises(ValueError, match=re.escape("model.downsample='avgpool': use one of maxpool, stride")):
+    with pytest.raises(ValueError, match=re.escape("model.downsample='avgpool': use one of maxpool, pool_first, stride")):
         get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), downsample="avgpool")
 
 
@@ -181,6 +228,7 @@ def test_unknown_downsampling_is_named(name):
     ({"backbone": "resnet", "stem": 16, "downsample": "stride"}, "so set model.stem=0 model.downsample=maxpool"),
     ({"stem": -1}, "model.stem=-1"),
     ({"backbone": "resnet", "stem": 16}, "model.stem=16 is for backbone=vgg"),
+    ({"backbone": "resnet", "convs_per_stage": [2, 1, 1, 1]}, "model.convs_per_stage=[2, 1, 1, 1] is for backbone=vgg"),
     ({"rnn": "conv", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),
     ({"rnn": "gru", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),
 ])

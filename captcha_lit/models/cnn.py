@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_bn_relu, downsampling_stage,
-                                       stack_output_size, strided_stem)
+from captcha_lit.models.layers import FlattenHeads, check_input_size, conv_stages, stack_output_size, strided_stem
 from captcha_lit.models.registry import register_model
 
 
@@ -24,16 +23,10 @@ class CaptchaCNN(nn.Module):
         layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
         down = (2 ** len(channels)) * (stem_stride if stem else 1)
         check_input_size("cnn", input_size, (down, down))
-        prev = stem or in_channels
-        for ch, convs in zip(channels, _per_stage(convs_per_stage, len(channels))):
-            for _ in range(convs - 1):
-                layers.append(conv_bn_relu(prev, ch))
-                prev = ch
-            layers += downsampling_stage(prev, ch, (2, 2), downsample)
-            prev = ch
+        layers += conv_stages(stem or in_channels, channels, [(2, 2)] * len(channels), convs_per_stage, downsample)
         self.backbone = nn.Sequential(*layers)
         out_h, out_w = stack_output_size(self.backbone, input_size)
-        self.head = FlattenHeads(prev * out_h * out_w, num_classes, max_length, hidden, dropout)
+        self.head = FlattenHeads((channels[-1] if channels else stem or in_channels) * out_h * out_w, num_classes, max_length, hidden, dropout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, D): the features each position's classifier sees."""
@@ -44,16 +37,6 @@ class CaptchaCNN(nn.Module):
 
     def output_class_dims(self) -> dict[str, int]:
         return {f"head.{name}": dim for name, dim in self.head.output_class_dims().items()}
-
-
-def _per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
-    """model.convs_per_stage: one count for every stage, or one per stage (>= 1 each)."""
-    counts = [int(convs_per_stage)] * stages if isinstance(convs_per_stage, int) else [int(c) for c in convs_per_stage]
-    if len(counts) != stages or min(counts) < 1:
-        given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
-        raise ValueError(f"model.convs_per_stage={given}: use one count >= 1, or {stages} of them "
-                         f"(one per stage of model.channels)")
-    return counts
 
 
 @register_model("cnn", decoder="positional")

@@ -17,20 +17,23 @@ class CRNN(nn.Module):
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
                  strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2,
-                 in_channels: int = 3, downsample: str = "maxpool"):
+                 in_channels: int = 3, downsample: str = "maxpool", convs_per_stage: int | Sequence[int] = 1):
         super().__init__()
         if backbone == "vgg":
             self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride,
-                                        downsample=downsample)
+                                        downsample=downsample, convs_per_stage=convs_per_stage)
         elif backbone == "resnet":
             # Name every vgg-only option that is set, so that one fix works.
             wrong = [(f"model.stem={stem}", "model.stem=0")] if stem else []
             if downsample != "maxpool":
                 wrong.append((f"model.downsample={downsample!r}", "model.downsample=maxpool"))
+            if convs_per_stage != 1:
+                given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
+                wrong.append((f"model.convs_per_stage={given}", "model.convs_per_stage=1"))
             if wrong:
                 raise ValueError(f"{', '.join(given for given, _ in wrong)} {'is' if len(wrong) == 1 else 'are'} for "
                                  "backbone=vgg; backbone=resnet has its own stem and strided residual blocks, so set "
-                                 + " ".join(fix for _, fix in wrong))
+                                 + " ".join(fix for _, fix in wrong) + ", or use model=crnn_resnet")
             self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
         else:
             raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")
@@ -73,7 +76,7 @@ def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone:
          channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
          strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "conv",
          rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3,
-         downsample: str = "maxpool") -> CRNN:
+         downsample: str = "maxpool", convs_per_stage: int | Sequence[int] = 1) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
                 tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
-                int(in_channels), str(downsample))
+                int(in_channels), str(downsample), convs_per_stage)
