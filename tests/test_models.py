@@ -214,6 +214,9 @@ def test_convs_per_stage_one_count_or_one_per_stage(name, options):
     for bad in ([1, 2], 0, [1, 0, 1, 1]):
         with pytest.raises(ValueError, match=re.escape(f"model.convs_per_stage={bad}: use one count >= 1, or 4")):
             get_model(name, convs_per_stage=bad, **kwargs)
+    no_stages = {**kwargs, "channels": [], **({"strides": []} if name == "crnn" else {})}
+    with pytest.raises(ValueError, match=re.escape("model.channels is empty: give at least one stage")):
+        get_model(name, **no_stages)
 
 
 @pytest.mark.parametrize("name", ["crnn", "cnn"])

@@ -26,7 +26,7 @@ class CaptchaCNN(nn.Module):
         layers += conv_stages(stem or in_channels, channels, [(2, 2)] * len(channels), convs_per_stage, downsample)
         self.backbone = nn.Sequential(*layers)
         out_h, out_w = stack_output_size(self.backbone, input_size)
-        self.head = FlattenHeads((channels[-1] if channels else stem or in_channels) * out_h * out_w, num_classes, max_length, hidden, dropout)
+        self.head = FlattenHeads(channels[-1] * out_h * out_w, num_classes, max_length, hidden, dropout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, D): the features each position's classifier sees."""

@@ -28,8 +28,8 @@ class CRNN(nn.Module):
             if downsample != "maxpool":
                 wrong.append((f"model.downsample={downsample!r}", "model.downsample=maxpool"))
             if convs_per_stage != 1:
-                given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
-                wrong.append((f"model.convs_per_stage={given}", "model.convs_per_stage=1"))
+                counts = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
+                wrong.append((f"model.convs_per_stage={counts}", "model.convs_per_stage=1"))
             if wrong:
                 raise ValueError(f"{', '.join(given for given, _ in wrong)} {'is' if len(wrong) == 1 else 'are'} for "
                                  "backbone=vgg; backbone=resnet has its own stem and strided residual blocks, so set "

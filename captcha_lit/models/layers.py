@@ -54,6 +54,8 @@ def downsampling_stage(in_ch: int, out_ch: int, stride: Sequence[int], downsampl
 
 def per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
     """model.convs_per_stage: one count for every stage, or one per stage (>= 1 each)."""
+    if stages < 1:
+        raise ValueError("model.channels is empty: give at least one stage, e.g. model.channels=[16,32,64,128]")
     counts = [int(convs_per_stage)] * stages if isinstance(convs_per_stage, int) else [int(c) for c in convs_per_stage]
     if len(counts) != stages or min(counts) < 1:
         given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
@@ -182,7 +184,7 @@ class VGGBackbone(nn.Module):
         stem_down = stem_stride if stem else 1
         layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)
         self.body = nn.Sequential(*layers)
-        self.out_channels = channels[-1] if channels else (stem or in_channels)
+        self.out_channels = channels[-1]
         self.downsample = (stem_down * _prod(s[0] for s in strides), stem_down * _prod(s[1] for s in strides))
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
