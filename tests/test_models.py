@@ -94,6 +94,24 @@ def test_cnn_strided_stem_halves_the_input_once():
         get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=-1)
 
 
+def test_cnn_strides_keep_the_width_for_the_heads():
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1)
+    square = get_model("cnn", **kwargs)
+    wide = get_model("cnn", strides=[[2, 2], [2, 2], [2, 2], [2, 1]], **kwargs)
+    # The last stage pools only the height: its 2x10 map, not 2x5, reaches the fully connected layer.
+    assert wide.head.fc[2].in_features == 128 * 2 * 10 == 2 * square.head.fc[2].in_features
+    pools = [m.kernel_size for m in wide.backbone.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert pools == [(2, 2), (2, 2), (2, 2), (2, 1)]
+    with torch.no_grad():
+        assert wide.eval()(torch.randn(2, 1, 64, 160)).shape == (2, MAX_LEN, NUM_CLASSES)
+    # The size check follows the strides: 2 * 2^4 rows, but 2 * 2^3 columns.
+    with pytest.raises(ValueError, match=re.escape("it downsamples by 32x16, so use at least [32, 16]")):
+        get_model("cnn", strides=[[2, 2], [2, 2], [2, 2], [2, 1]], **{**kwargs, "input_size": (16, 160)})
+    for bad in ([[2, 2]], [[2, 2], [2, 2], [2, 2], [2]], [2, 2, 2, 2], [[2, 2], [2, 2], [2, 2], [0, 1]]):
+        with pytest.raises(ValueError, match=re.escape(f"model.strides={bad}: give 4 [h, w] pairs of integers >= 1")):
+            get_model("cnn", strides=bad, **kwargs)
+
+
 @pytest.mark.parametrize("name, options", [
     ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]])),
     ("cnn", dict(stem=16)),
@@ -217,6 +235,24 @@ def test_convs_per_stage_one_count_or_one_per_stage(name, options):
     no_stages = {**kwargs, "channels": [], **({"strides": []} if name == "crnn" else {})}
     with pytest.raises(ValueError, match=re.escape("model.channels is empty: give at least one stage")):
         get_model(name, **no_stages)
+
+
+@pytest.mark.parametrize("name", ["crnn", "resnet"])
+@pytest.mark.parametrize("bad", [[[2, 2], [2], [2, 1], [2, 1]], [[2, 2], [2, 1], [2, 1]], [2, 2, 2, 2],
+                                 [[2, 2], [0, 1], [2, 1], [2, 1]]])
+def test_malformed_strides_are_named(name, bad):
+    # Each stage needs one [h, w] pair: a short list, a bare number or a zero is named, not an
+    # IndexError, a TypeError or a division by zero from inside the stage loop.
+    with pytest.raises(ValueError, match=re.escape(f"model.strides={bad}: give 4 [h, w] pairs of integers >= 1")):
+        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), strides=bad)
+
+
+@pytest.mark.parametrize("blocks", [[1, 1], [1, 0, 1, 1]])
+def test_resnet_blocks_one_count_per_stage(blocks):
+    # zip() used to drop the stages past the shorter list without a word.
+    for name, options in (("resnet", {}), ("crnn", {"backbone": "resnet"})):
+        with pytest.raises(ValueError, match=re.escape(f"model.blocks={blocks}: give 4 counts >= 1, one per stage")):
+            get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), blocks=blocks, **options)
 
 
 @pytest.mark.parametrize("name", ["crnn", "cnn"])

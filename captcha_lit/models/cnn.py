@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import FlattenHeads, check_input_size, conv_stages, stack_output_size, strided_stem
+from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, stack_output_size, stage_strides,
+                                       strided_stem)
 from captcha_lit.models.registry import register_model
 
 
@@ -18,12 +20,15 @@ class CaptchaCNN(nn.Module):
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
                  convs_per_stage: int | Sequence[int], hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
-                 stem_stride: int = 2, downsample: str = "maxpool"):
+                 stem_stride: int = 2, downsample: str = "maxpool",
+                 strides: Sequence[Sequence[int]] | None = None):
         super().__init__()
         layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
-        down = (2 ** len(channels)) * (stem_stride if stem else 1)
-        check_input_size("cnn", input_size, (down, down))
-        layers += conv_stages(stem or in_channels, channels, [(2, 2)] * len(channels), convs_per_stage, downsample)
+        strides = stage_strides(strides, len(channels))
+        stem_down = stem_stride if stem else 1
+        check_input_size("cnn", input_size, (stem_down * math.prod(s[0] for s in strides),
+                                             stem_down * math.prod(s[1] for s in strides)))
+        layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)
         self.backbone = nn.Sequential(*layers)
         out_h, out_w = stack_output_size(self.backbone, input_size)
         self.head = FlattenHeads(channels[-1] * out_h * out_w, num_classes, max_length, hidden, dropout)
@@ -42,6 +47,7 @@ class CaptchaCNN(nn.Module):
 @register_model("cnn", decoder="positional")
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
         convs_per_stage: int | Sequence[int] = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3,
-        stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool") -> CaptchaCNN:
+        stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool",
+        strides: Sequence[Sequence[int]] | None = None) -> CaptchaCNN:
     return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
-                      int(in_channels), int(stem), int(stem_stride), str(downsample))
+                      int(in_channels), int(stem), int(stem_stride), str(downsample), strides)

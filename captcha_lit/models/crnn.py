@@ -78,5 +78,5 @@ def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone:
          rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3,
          downsample: str = "maxpool", convs_per_stage: int | Sequence[int] = 1) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
-                tuple(tuple(s) for s in strides), dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
+                strides, dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
                 int(in_channels), str(downsample), convs_per_stage)

@@ -64,6 +64,29 @@ def per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
     return counts
 
 
+def stage_strides(strides: Sequence[Sequence[int]] | None, stages: int) -> list[tuple[int, int]]:
+    """model.strides: one (h, w) pooling factor per stage; None: (2, 2) at every stage."""
+    if stages < 1:
+        raise ValueError("model.channels is empty: give at least one stage, e.g. model.channels=[16,32,64,128]")
+    if strides is None:
+        return [(2, 2)] * stages
+    try:
+        pairs = [(int(s[0]), int(s[1])) for s in strides if len(s) == 2]
+    except (TypeError, ValueError):
+        pairs = []
+    if len(pairs) != stages or len(pairs) != len(strides) or min(min(p) for p in pairs) < 1:
+        raise ValueError(f"model.strides={_plain(strides)}: give {stages} [h, w] pairs of integers >= 1, one per "
+                         f"stage of model.channels, e.g. {[[2, 2]] * stages}")
+    return pairs
+
+
+def _plain(value):
+    """A config value as plain lists, for messages."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return value
+    return [_plain(v) for v in value]
+
+
 def conv_stages(in_ch: int, channels: Sequence[int], strides: Sequence[Sequence[int]],
                 convs_per_stage: int | Sequence[int], downsample: str) -> list[nn.Module]:
     """The stages of a plain conv net: in each, ``convs - 1`` conv-BN-ReLUs at the stage's input
@@ -178,8 +201,7 @@ class VGGBackbone(nn.Module):
                  stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool",
                  convs_per_stage: int | Sequence[int] = 1):
         super().__init__()
-        if len(channels) != len(strides):
-            raise ValueError(f"model.channels has {len(channels)} stages but model.strides has {len(strides)}")
+        strides = stage_strides(strides, len(channels))
         layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
         stem_down = stem_stride if stem else 1
         layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)

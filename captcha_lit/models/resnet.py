@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from captcha_lit.models.layers import (FlattenHeads, PositionAttentionHead, _prod, check_input_size, conv_bn_relu,
-                                       stack_output_size)
+                                       stack_output_size, stage_strides)
 from captcha_lit.models.registry import register_model
 
 
@@ -39,6 +39,10 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, channels: Sequence[int], blocks: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int = 3):
         super().__init__()
+        strides = stage_strides(strides, len(channels))
+        if len(blocks) != len(channels) or min(int(n) for n in blocks) < 1:
+            raise ValueError(f"model.blocks={[int(n) for n in blocks]}: give {len(channels)} counts >= 1, one per "
+                             "stage of model.channels")
         self.stem = nn.Sequential(conv_bn_relu(in_channels, channels[0]), nn.MaxPool2d(2))
         stages = []
         prev = channels[0]
@@ -110,4 +114,4 @@ def resnet(num_classes: int, max_length: int, input_size: Sequence[int], channel
            blocks: Sequence[int] = (1, 1, 1, 1), strides: Sequence[Sequence[int]] = ((1, 1), (2, 2), (2, 1), (2, 1)),
            dim: int = 192, head: str = "attention", dropout: float = 0.1, in_channels: int = 3) -> CaptchaResNet:
     return CaptchaResNet(num_classes, max_length, input_size, tuple(channels), tuple(blocks),
-                         tuple(tuple(s) for s in strides), dim, head, dropout, int(in_channels))
+                         strides, dim, head, dropout, int(in_channels))
