@@ -146,6 +146,7 @@ def build_module(cfg: DictConfig, datamodule=None):
     model = dict(to_plain(cfg.model))
     arch = model.pop("name")
     beam_width = model.pop("beam_width", 1)
+    label_smoothing = model.pop("label_smoothing", 0.0)
     data = dict(to_plain(cfg.data))
     if datamodule is not None and hasattr(datamodule, "label_spec"):
         data.update(datamodule.label_spec())
@@ -158,6 +159,7 @@ def build_module(cfg: DictConfig, datamodule=None):
         max_length=data["max_length"], input_size=data["input_size"], mean=mean, std=std,
         optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
         augmentation=to_plain(cfg.get("augmentation")) or {}, beam_width=beam_width,
+        label_smoothing=label_smoothing,
     )
 
 

@@ -92,6 +92,7 @@ class CaptchaModule(L.LightningModule):
         augmentation: dict | None = None,
         channels_last: bool = True,
         beam_width: int = 1,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
@@ -103,7 +104,7 @@ class CaptchaModule(L.LightningModule):
                 "input_size": [int(v) for v in input_size], "mean": [float(v) for v in mean],
                 "std": [float(v) for v in std], "optimizer": optimizer, "scheduler": scheduler,
                 "augmentation": dict(augmentation or {}), "channels_last": bool(channels_last),
-                "beam_width": int(beam_width),
+                "beam_width": int(beam_width), "label_smoothing": float(label_smoothing),
             }
         )
         _check_optim(optimizer, scheduler)
@@ -123,6 +124,15 @@ class CaptchaModule(L.LightningModule):
                 "character per position, so leave beam_width at 1"
             )
         self.beam_width = int(beam_width)
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0 <= label_smoothing < 1:
+            raise ValueError(f"model.label_smoothing={label_smoothing!r}: use a number in [0, 1), e.g. 0.1 (0: none)")
+        if label_smoothing and self.decoder == "ctc":
+            raise ValueError(
+                f"model.label_smoothing={label_smoothing} applies to per-position CrossEntropy; model {arch!r} "
+                "trains with CTC, so leave it at 0"
+            )
+        self.label_smoothing = float(label_smoothing)
         # Positional models with variable length predict an end symbol after the text;
         # CTC handles variable length natively.
         self.end_class = num_classes if (self.decoder == "positional" and self.variable_length) else None
@@ -189,7 +199,8 @@ class CaptchaModule(L.LightningModule):
         return [self.charset.decode(row) for row in decoded.indices], decoded
 
     # ---- training --------------------------------------------------------------------
-    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
         if self.decoder == "ctc":
             log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C+1)
             input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
@@ -198,7 +209,8 @@ class CaptchaModule(L.LightningModule):
                               zero_infinity=True)
         if self.end_class is not None:
             targets = targets.masked_fill(targets < 0, self.end_class)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                               label_smoothing=label_smoothing)
 
     def _shared_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, list[str] | None, Decoded]:
         """Loss, metrics and logging of one batch -> (loss, the decoded texts (val and test only), the decoding)."""
@@ -210,7 +222,9 @@ class CaptchaModule(L.LightningModule):
             # the metrics are those of the fp32 model that predict, serve and the ONNX export run.
             with torch.autocast(images.device.type, enabled=False):
                 logits = self(images.float())
-        loss = self.compute_loss(logits, targets, lengths)
+        # Label smoothing shapes only the training loss: val and test report plain CrossEntropy, so
+        # their losses compare across runs with and without it.
+        loss = self.compute_loss(logits, targets, lengths, self.label_smoothing if stage == "train" else 0.0)
         metrics = getattr(self, f"{stage}_metrics")
         with torch.no_grad():
             # Training metrics only follow progress: greedy decoding is enough and much cheaper.

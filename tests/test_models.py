@@ -328,6 +328,37 @@ def test_module_ctc_loss_is_finite():
     loss.backward()
 
 
+
+def test_label_smoothing_shapes_the_training_loss_only():
+    plain, smooth = _module(), _module(label_smoothing=0.2)
+    smooth.load_state_dict(plain.state_dict())
+    plain.eval(), smooth.eval()  # the same forward pass in both (no dropout, BN running stats)
+    batch = {"image": torch.randn(4, 3, *INPUT), "target": torch.randint(0, 10, (4, 5)),
+             "length": torch.full((4,), 5)}
+    with torch.no_grad():
+        logits = plain(batch["image"]).flatten(0, 1)
+        plain_ce = torch.nn.functional.cross_entropy(logits, batch["target"].flatten())
+        smoothed_ce = torch.nn.functional.cross_entropy(logits, batch["target"].flatten(), label_smoothing=0.2)
+        assert not torch.allclose(plain_ce, smoothed_ce)
+        # Training minimizes CE against targets that put 0.2 / 10 on every class ...
+        assert torch.allclose(smooth._shared_step(batch, "train")[0], smoothed_ce, atol=1e-6)
+        assert torch.allclose(plain._shared_step(batch, "train")[0], plain_ce, atol=1e-6)
+        # ... while val and test report plain CrossEntropy, comparable across runs.
+        for stage in ("val", "test"):
+            assert torch.allclose(smooth._shared_step(batch, stage)[0], plain_ce, atol=1e-6)
+    assert smooth.hparams.label_smoothing == 0.2 and plain.hparams.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "0.1", True])
+def test_bad_label_smoothing_is_named(value):
+    with pytest.raises(ValueError, match=re.escape(f"model.label_smoothing={value!r}: use a number in [0, 1)")):
+        _module(label_smoothing=value)
+
+
+def test_label_smoothing_is_refused_for_ctc():
+    with pytest.raises(ValueError, match="applies to per-position CrossEntropy; model 'crnn' trains with CTC"):
+        _module(arch="crnn", model_kwargs={"dim": 32}, label_smoothing=0.1)
+
 def test_module_uint8_batches_are_normalized():
     module = _module()
     batch = {"image": torch.full((2, 3, *INPUT), 255, dtype=torch.uint8)}
