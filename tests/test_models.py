@@ -239,7 +239,8 @@ def test_convs_per_stage_one_count_or_one_per_stage(name, options):
 
 @pytest.mark.parametrize("name", ["crnn", "resnet"])
 @pytest.mark.parametrize("bad", [[[2, 2], [2], [2, 1], [2, 1]], [[2, 2], [2, 1], [2, 1]], [2, 2, 2, 2],
-                                 [[2, 2], [0, 1], [2, 1], [2, 1]]])
+                                 [[2, 2], [0, 1], [2, 1], [2, 1]], [[2, 2], [1.5, 1], [2, 1], [2, 1]],
+                                 ["22", [2, 1], [2, 1], [2, 1]]])
 def test_malformed_strides_are_named(name, bad):
     # Each stage needs one [h, w] pair: a short list, a bare number or a zero is named, not an
     # IndexError, a TypeError or a division by zero from inside the stage loop.
@@ -247,7 +248,7 @@ def test_malformed_strides_are_named(name, bad):
         get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), strides=bad)
 
 
-@pytest.mark.parametrize("blocks", [[1, 1], [1, 0, 1, 1]])
+@pytest.mark.parametrize("blocks", [[1, 1], [1, 0, 1, 1], [1, 2.5, 1, 1], [1, "2", 1, 1]])
 def test_resnet_blocks_one_count_per_stage(blocks):
     # zip() used to drop the stages past the shorter list without a word.
     for name, options in (("resnet", {}), ("crnn", {"backbone": "resnet"})):
@@ -328,7 +329,6 @@ def test_module_ctc_loss_is_finite():
     loss.backward()
 
 
-
 def test_label_smoothing_shapes_the_training_loss_only():
     plain, smooth = _module(), _module(label_smoothing=0.2)
     smooth.load_state_dict(plain.state_dict())
@@ -358,6 +358,7 @@ def test_bad_label_smoothing_is_named(value):
 def test_label_smoothing_is_refused_for_ctc():
     with pytest.raises(ValueError, match="applies to per-position CrossEntropy; model 'crnn' trains with CTC"):
         _module(arch="crnn", model_kwargs={"dim": 32}, label_smoothing=0.1)
+
 
 def test_module_uint8_batches_are_normalized():
     module = _module()

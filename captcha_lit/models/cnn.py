@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, stack_output_size, stage_strides,
-                                       strided_stem)
+                                       strided_stem, total_downsample)
 from captcha_lit.models.registry import register_model
 
 
@@ -26,8 +25,7 @@ class CaptchaCNN(nn.Module):
         layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
         strides = stage_strides(strides, len(channels))
         stem_down = stem_stride if stem else 1
-        check_input_size("cnn", input_size, (stem_down * math.prod(s[0] for s in strides),
-                                             stem_down * math.prod(s[1] for s in strides)))
+        check_input_size("cnn", input_size, total_downsample(strides, stem_down))
         layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)
         self.backbone = nn.Sequential(*layers)
         out_h, out_w = stack_output_size(self.backbone, input_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,8 +55,7 @@ def downsampling_stage(in_ch: int, out_ch: int, stride: Sequence[int], downsampl
 
 def per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
     """model.convs_per_stage: one count for every stage, or one per stage (>= 1 each)."""
-    if stages < 1:
-        raise ValueError("model.channels is empty: give at least one stage, e.g. model.channels=[16,32,64,128]")
+    _require_stages(stages)
     counts = [int(convs_per_stage)] * stages if isinstance(convs_per_stage, int) else [int(c) for c in convs_per_stage]
     if len(counts) != stages or min(counts) < 1:
         given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
@@ -66,23 +66,46 @@ def per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
 
 def stage_strides(strides: Sequence[Sequence[int]] | None, stages: int) -> list[tuple[int, int]]:
     """model.strides: one (h, w) pooling factor per stage; None: (2, 2) at every stage."""
-    if stages < 1:
-        raise ValueError("model.channels is empty: give at least one stage, e.g. model.channels=[16,32,64,128]")
+    _require_stages(stages)
     if strides is None:
         return [(2, 2)] * stages
-    try:
-        pairs = [(int(s[0]), int(s[1])) for s in strides if len(s) == 2]
-    except (TypeError, ValueError):
-        pairs = []
-    if len(pairs) != stages or len(pairs) != len(strides) or min(min(p) for p in pairs) < 1:
+    pairs = [tuple(s) for s in strides if _is_sequence(s) and len(s) == 2 and all(_is_count(v) for v in s)]
+    if len(pairs) != stages or len(pairs) != len(strides):
         raise ValueError(f"model.strides={_plain(strides)}: give {stages} [h, w] pairs of integers >= 1, one per "
                          f"stage of model.channels, e.g. {[[2, 2]] * stages}")
     return pairs
 
 
+def stage_counts(blocks: Sequence[int], stages: int) -> list[int]:
+    """model.blocks: one count >= 1 per stage."""
+    _require_stages(stages)
+    if not _is_sequence(blocks) or len(blocks) != stages or not all(_is_count(n) for n in blocks):
+        raise ValueError(f"model.blocks={_plain(blocks)}: give {stages} counts >= 1, one per stage of model.channels")
+    return list(blocks)
+
+
+def total_downsample(strides: Sequence[Sequence[int]], first: int = 1) -> tuple[int, int]:
+    """(h, w) factor by which a stack shrinks its input: ``first`` (a stem's) times every stage's stride."""
+    return first * math.prod(s[0] for s in strides), first * math.prod(s[1] for s in strides)
+
+
+def _require_stages(stages: int) -> None:
+    if stages < 1:
+        raise ValueError("model.channels is empty: give at least one stage, e.g. model.channels=[16,32,64,128]")
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _is_count(value) -> bool:
+    """An integer >= 1 (not a bool, a float or a string of digits)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _plain(value):
     """A config value as plain lists, for messages."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    if not _is_sequence(value):
         return value
     return [_plain(v) for v in value]
 
@@ -207,20 +230,13 @@ class VGGBackbone(nn.Module):
         layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)
         self.body = nn.Sequential(*layers)
         self.out_channels = channels[-1]
-        self.downsample = (stem_down * _prod(s[0] for s in strides), stem_down * _prod(s[1] for s in strides))
+        self.downsample = total_downsample(strides, stem_down)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
         return stack_output_size(self.body, input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 class TemporalConv(nn.Module):

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (FlattenHeads, PositionAttentionHead, _prod, check_input_size, conv_bn_relu,
-                                       stack_output_size, stage_strides)
+from captcha_lit.models.layers import (FlattenHeads, PositionAttentionHead, check_input_size, conv_bn_relu,
+                                       stack_output_size, stage_counts, stage_strides, total_downsample)
 from captcha_lit.models.registry import register_model
 
 
@@ -40,9 +40,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, channels: Sequence[int], blocks: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int = 3):
         super().__init__()
         strides = stage_strides(strides, len(channels))
-        if len(blocks) != len(channels) or min(int(n) for n in blocks) < 1:
-            raise ValueError(f"model.blocks={[int(n) for n in blocks]}: give {len(channels)} counts >= 1, one per "
-                             "stage of model.channels")
+        blocks = stage_counts(blocks, len(channels))
         self.stem = nn.Sequential(conv_bn_relu(in_channels, channels[0]), nn.MaxPool2d(2))
         stages = []
         prev = channels[0]
@@ -52,7 +50,7 @@ class ResNetBackbone(nn.Module):
             prev = ch
         self.stages = nn.Sequential(*stages)
         self.out_channels = prev
-        self.downsample = (2 * _prod(s[0] for s in strides), 2 * _prod(s[1] for s in strides))
+        self.downsample = total_downsample(strides, 2)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
         main_path = [self.stem] + [conv for block in self.stages.modules() if isinstance(block, BasicBlock)
