@@ -185,6 +185,89 @@ def test_pool_first_normalizes_the_pooled_map(name, options, full_size_norms, ou
     _assert_learns(name, early, x)
 
 
+@pytest.mark.parametrize("name, options", [
+    ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]], convs_per_stage=[2, 1, 1, 1])),
+    ("cnn", dict(stem=16, convs_per_stage=2)),
+])
+def test_downsample_per_stage(name, options):
+    # One mode per stage: here the first stage max-pools (pool_first) and the later ones stride,
+    # with the same feature map (heads, time steps) as one mode for all.
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, **options)
+    mixed = get_model(name, downsample=["pool_first", "stride", "stride", "stride"], **kwargs)
+    uniform = get_model(name, downsample="pool_first", **kwargs)
+    x = torch.randn(4, 1, 64, 160)
+    with torch.no_grad():
+        assert mixed.eval()(x).shape == uniform.eval()(x).shape
+    pools = [m for m in mixed.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 1 and pools[0].kernel_size == (2, 2)
+    strided = [m for m in mixed.modules() if isinstance(m, torch.nn.Conv2d) and m.stride != (1, 1)]
+    assert [m.stride for m in strided] == [(2, 2)] + ([(2, 1)] * 3 if name == "crnn" else [(2, 2)] * 3)
+    # one mode for every stage is the same as naming it per stage
+    same = get_model(name, downsample=["pool_first"] * 4, **kwargs)
+    assert [type(m) for m in same.modules()] == [type(m) for m in uniform.modules()]
+    _assert_learns(name, mixed, x)
+
+
+@pytest.mark.parametrize("bad", [["pool_first", "stride"], ["pool_first", "stride", "stride", "avgpool"],
+                                 [1, 2, 3, 4], 5])
+def test_downsample_per_stage_errors_are_named(bad):
+    for name in ("crnn", "cnn"):
+        with pytest.raises(ValueError, match=re.escape(
+                f"model.downsample={bad}: give one of maxpool, pool_first, stride, or 4 of them (one per stage")):
+            get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), downsample=bad)
+    with pytest.raises(ValueError, match=re.escape("model.downsample=['pool_first', 'stride'] is for backbone=vgg")):
+        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), backbone="resnet",
+                  downsample=["pool_first", "stride"])
+
+
+@pytest.mark.parametrize("name", ["crnn", "cnn"])
+def test_stem_without_norm(name):
+    # model.stem_norm=false: the stem conv gets a bias and no batch norm; the default keeps it,
+    # so that checkpoints saved before the option existed rebuild the same layers.
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, stem=16)
+    normed, plain = get_model(name, **kwargs), get_model(name, stem_norm=False, **kwargs)
+    body = normed.backbone.body if name == "crnn" else normed.backbone
+    plain_body = plain.backbone.body if name == "crnn" else plain.backbone
+    assert isinstance(body[0][1], torch.nn.BatchNorm2d) and body[0][0].bias is None
+    assert [type(m) for m in plain_body[0]] == [torch.nn.Conv2d, torch.nn.ReLU] and plain_body[0][0].bias is not None
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in normed.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == norms - 1
+    x = torch.randn(4, 1, 64, 160)
+    _assert_learns(name, plain, x)
+
+
+def test_dropout_draws_the_same_distribution_as_torch():
+    from captcha_lit.models.layers import Dropout
+
+    x = torch.ones(200, 40, 128)
+    for p in (0.1, 0.5):
+        ours, theirs = Dropout(p).train(), torch.nn.Dropout(p).train()
+        torch.manual_seed(0)
+        a = ours(x)
+        b = theirs(x)
+        for out in (a, b):
+            zero, kept = out.unique().tolist()
+            assert zero == 0.0 and kept == pytest.approx(1 / (1 - p))
+        # the share dropped is p, as torch's (1M draws: a standard error of 0.0005 at p=0.5)
+        assert (a == 0).float().mean().item() == pytest.approx(p, abs=0.003)
+        assert (a == 0).float().mean().item() == pytest.approx((b == 0).float().mean().item(), abs=0.004)
+        assert a.mean().item() == pytest.approx(1.0, abs=0.01)
+    torch.manual_seed(1)
+    first = Dropout(0.3).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(Dropout(0.3).train()(x), first)  # seeded: the same mask
+    assert torch.equal(Dropout(0.3).eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert not Dropout(1.0).train()(x).any()
+    bf16 = Dropout(0.2).train()(x.bfloat16())
+    assert bf16.dtype == torch.bfloat16
+    # gradients flow through the kept units only, scaled like the values
+    y = torch.ones(1000, requires_grad=True)
+    out = Dropout(0.25).train()(y)
+    out.sum().backward()
+    assert torch.equal(y.grad, out.detach())
+
+
 @pytest.mark.parametrize("downsample", ["maxpool", "pool_first", "stride"])
 @pytest.mark.parametrize("size", [(64, 160), (63, 160), (65, 161), (50, 130)])
 def test_odd_input_sizes_build_the_layers_they_run(downsample, size):

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, stack_output_size, stage_strides,
-                                       strided_stem, total_downsample)
+from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, plain_modes, stack_output_size,
+                                       stage_strides, strided_stem, total_downsample)
 from captcha_lit.models.registry import register_model
 
 
@@ -19,10 +19,10 @@ class CaptchaCNN(nn.Module):
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
                  convs_per_stage: int | Sequence[int], hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
-                 stem_stride: int = 2, downsample: str = "maxpool",
-                 strides: Sequence[Sequence[int]] | None = None):
+                 stem_stride: int = 2, downsample: str | Sequence[str] = "maxpool",
+                 strides: Sequence[Sequence[int]] | None = None, stem_norm: bool = True):
         super().__init__()
-        layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride)
+        layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride, stem_norm)
         strides = stage_strides(strides, len(channels))
         stem_down = stem_stride if stem else 1
         check_input_size("cnn", input_size, total_downsample(strides, stem_down))
@@ -45,7 +45,7 @@ class CaptchaCNN(nn.Module):
 @register_model("cnn", decoder="positional")
 def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
         convs_per_stage: int | Sequence[int] = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3,
-        stem: int = 0, stem_stride: int = 2, downsample: str = "maxpool",
-        strides: Sequence[Sequence[int]] | None = None) -> CaptchaCNN:
+        stem: int = 0, stem_stride: int = 2, downsample: str | Sequence[str] = "maxpool",
+        strides: Sequence[Sequence[int]] | None = None, stem_norm: bool = True) -> CaptchaCNN:
     return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
-                      int(in_channels), int(stem), int(stem_stride), str(downsample), strides)
+                      int(in_channels), int(stem), int(stem_stride), plain_modes(downsample), strides, bool(stem_norm))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import TemporalConv, VGGBackbone, check_input_size
+from captcha_lit.models.layers import Dropout, TemporalConv, VGGBackbone, check_input_size, plain_modes
 from captcha_lit.models.registry import register_model
 from captcha_lit.models.resnet import ResNetBackbone, SequenceNeck
 
@@ -17,16 +17,18 @@ class CRNN(nn.Module):
 
     def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
                  strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2,
-                 in_channels: int = 3, downsample: str = "maxpool", convs_per_stage: int | Sequence[int] = 1):
+                 in_channels: int = 3, downsample: str | Sequence[str] = "maxpool",
+                 convs_per_stage: int | Sequence[int] = 1, stem_norm: bool = True):
         super().__init__()
         if backbone == "vgg":
             self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride,
-                                        downsample=downsample, convs_per_stage=convs_per_stage)
+                                        downsample=downsample, convs_per_stage=convs_per_stage, stem_norm=stem_norm)
         elif backbone == "resnet":
             # Name every vgg-only option that is set, so that one fix works.
             wrong = [(f"model.stem={stem}", "model.stem=0")] if stem else []
             if downsample != "maxpool":
-                wrong.append((f"model.downsample={downsample!r}", "model.downsample=maxpool"))
+                given = repr(downsample) if isinstance(downsample, str) else list(downsample)
+                wrong.append((f"model.downsample={given}", "model.downsample=maxpool"))
             if convs_per_stage != 1:
                 counts = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
                 wrong.append((f"model.convs_per_stage={counts}", "model.convs_per_stage=1"))
@@ -56,7 +58,7 @@ class CRNN(nn.Module):
                 raise ValueError(f"model.rnn={rnn!r}: use 'gru', 'lstm' or 'conv'")
             self.rnn = rnn_cls(dim, dim // 2, num_layers=rnn_layers, bidirectional=True, batch_first=True,
                                dropout=dropout if rnn_layers > 1 else 0.0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(dim, num_classes + 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,8 @@ def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone:
          channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
          strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "conv",
          rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3,
-         downsample: str = "maxpool", convs_per_stage: int | Sequence[int] = 1) -> CRNN:
+         downsample: str | Sequence[str] = "maxpool", convs_per_stage: int | Sequence[int] = 1,
+         stem_norm: bool = True) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
                 strides, dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
-                int(in_channels), str(downsample), convs_per_stage)
+                int(in_channels), plain_modes(downsample), convs_per_stage, bool(stem_norm))

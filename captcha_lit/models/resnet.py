@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (FlattenHeads, PositionAttentionHead, check_input_size, conv_bn_relu,
+from captcha_lit.models.layers import (Dropout, FlattenHeads, PositionAttentionHead, check_input_size, conv_bn_relu,
                                        stack_output_size, stage_counts, stage_strides, total_downsample)
 from captcha_lit.models.registry import register_model
 
@@ -66,7 +66,7 @@ class SequenceNeck(nn.Module):
 
     def __init__(self, channels: int, height: int, dim: int, dropout: float):
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(channels * height, dim), nn.LayerNorm(dim), nn.GELU(), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(channels * height, dim), nn.LayerNorm(dim), nn.GELU(), Dropout(dropout))
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         b, c, h, w = fmap.shape
