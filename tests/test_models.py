@@ -236,6 +236,14 @@ def test_stem_without_norm(name):
     _assert_learns(name, plain, x)
 
 
+@pytest.mark.parametrize("name", ["crnn", "cnn"])
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_stem_norm_must_be_a_bool(name, bad):
+    # bool("no") is True: a typo must not silently pick a layer
+    with pytest.raises(ValueError, match=re.escape(f"model.stem_norm={bad!r}: use true")):
+        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, stem_norm=bad)
+
+
 def test_dropout_draws_the_same_distribution_as_torch():
     from captcha_lit.models.layers import Dropout
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, plain_modes, stack_output_size,
+from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, plain, stack_output_size,
                                        stage_strides, strided_stem, total_downsample)
 from captcha_lit.models.registry import register_model
 
@@ -48,4 +48,4 @@ def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: 
         stem: int = 0, stem_stride: int = 2, downsample: str | Sequence[str] = "maxpool",
         strides: Sequence[Sequence[int]] | None = None, stem_norm: bool = True) -> CaptchaCNN:
     return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
-                      int(in_channels), int(stem), int(stem_stride), plain_modes(downsample), strides, bool(stem_norm))
+                      int(in_channels), int(stem), int(stem_stride), plain(downsample), strides, stem_norm)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import Dropout, TemporalConv, VGGBackbone, check_input_size, plain_modes
+from captcha_lit.models.layers import Dropout, TemporalConv, VGGBackbone, check_input_size, plain
 from captcha_lit.models.registry import register_model
 from captcha_lit.models.resnet import ResNetBackbone, SequenceNeck
 
@@ -27,7 +27,7 @@ class CRNN(nn.Module):
             # Name every vgg-only option that is set, so that one fix works.
             wrong = [(f"model.stem={stem}", "model.stem=0")] if stem else []
             if downsample != "maxpool":
-                given = repr(downsample) if isinstance(downsample, str) else list(downsample)
+                given = repr(downsample) if isinstance(downsample, str) else plain(downsample)
                 wrong.append((f"model.downsample={given}", "model.downsample=maxpool"))
             if convs_per_stage != 1:
                 counts = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
@@ -82,4 +82,4 @@ def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone:
          stem_norm: bool = True) -> CRNN:
     return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
                 strides, dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
-                int(in_channels), plain_modes(downsample), convs_per_stage, bool(stem_norm))
+                int(in_channels), plain(downsample), convs_per_stage, stem_norm)

@@ -42,6 +42,8 @@ def strided_stem(in_ch: int, stem: int, stem_stride: int, norm: bool = True) -> 
     if stem < 0 or stem_stride < 1:
         raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
                          "(0: no stem) and stem_stride >= 1")
+    if not isinstance(norm, bool):
+        raise ValueError(f"model.stem_norm={norm!r}: use true (a batch norm after the stem conv) or false (a bias)")
     if not stem:
         return []
     if norm:
@@ -86,14 +88,9 @@ def stage_downsample(downsample: str | Sequence[str], stages: int) -> list[str]:
     if modes is None or len(modes) != stages or not all(m in DOWNSAMPLE for m in modes):
         if isinstance(downsample, str):
             raise ValueError(f"model.downsample={downsample!r}: use one of {', '.join(DOWNSAMPLE)}")
-        raise ValueError(f"model.downsample={_plain(downsample)}: give one of {', '.join(DOWNSAMPLE)}, or {stages} of "
+        raise ValueError(f"model.downsample={plain(downsample)}: give one of {', '.join(DOWNSAMPLE)}, or {stages} of "
                          f"them (one per stage of model.channels), e.g. {['pool_first'] + ['stride'] * (stages - 1)}")
     return modes
-
-
-def plain_modes(downsample: str | Sequence[str]) -> str | list[str]:
-    """model.downsample as a builder argument: a mode as it is, a per-stage list as a plain list."""
-    return list(downsample) if _is_sequence(downsample) else downsample
 
 
 def per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
@@ -114,7 +111,7 @@ def stage_strides(strides: Sequence[Sequence[int]] | None, stages: int) -> list[
         return [(2, 2)] * stages
     pairs = [tuple(s) for s in strides if _is_sequence(s) and len(s) == 2 and all(_is_count(v) for v in s)]
     if len(pairs) != stages or len(pairs) != len(strides):
-        raise ValueError(f"model.strides={_plain(strides)}: give {stages} [h, w] pairs of integers >= 1, one per "
+        raise ValueError(f"model.strides={plain(strides)}: give {stages} [h, w] pairs of integers >= 1, one per "
                          f"stage of model.channels, e.g. {[[2, 2]] * stages}")
     return pairs
 
@@ -123,7 +120,7 @@ def stage_counts(blocks: Sequence[int], stages: int) -> list[int]:
     """model.blocks: one count >= 1 per stage."""
     _require_stages(stages)
     if not _is_sequence(blocks) or len(blocks) != stages or not all(_is_count(n) for n in blocks):
-        raise ValueError(f"model.blocks={_plain(blocks)}: give {stages} counts >= 1, one per stage of model.channels")
+        raise ValueError(f"model.blocks={plain(blocks)}: give {stages} counts >= 1, one per stage of model.channels")
     return list(blocks)
 
 
@@ -146,11 +143,11 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _plain(value):
-    """A config value as plain lists, for messages."""
+def plain(value):
+    """A config value with its sequences as plain lists, for messages and builder arguments."""
     if not _is_sequence(value):
         return value
-    return [_plain(v) for v in value]
+    return [plain(v) for v in value]
 
 
 def conv_stages(in_ch: int, channels: Sequence[int], strides: Sequence[Sequence[int]],
