@@ -120,6 +120,7 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
     import torch
 
     from captcha_lit.builders import build_module, resolve_precision
+    from captcha_lit.module import make_optimizer
 
     cfg = _compose(overrides)
     precision = str(resolve_precision(cfg.trainer))
@@ -129,7 +130,9 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
     targets = torch.randint(0, len(module.charset), (batch, int(cfg.data.max_length)))
     lengths = torch.full((batch,), int(cfg.data.max_length))
     images = torch.randint(0, 256, (batch, module.channels, height, width), dtype=torch.uint8)
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    # The run's own optimizer (the config's, Adam at 1e-3 by default, fused where torch has the kernel).
+    opt_cfg = dict(module.hparams.optimizer)
+    optimizer = make_optimizer(opt_cfg.pop("name"), module.parameters(), opt_cfg)
     aug = module.batch_augment
     modes = {"train_img_s": precision, "train_fp32_img_s": "32-true"}
     rates: dict[str, list[float]] = {key: [] for key in modes}

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 from captcha_lit import analysis, plots
 from captcha_lit.builders import build_datamodule, load_module
+from captcha_lit.data.datamodule import collate
 from captcha_lit.data.transforms import BatchAugment
 from captcha_lit.eval import resolve_data_config, set_beam_width
 from captcha_lit.utils import entry_point, output_dir, write_json
@@ -50,7 +51,7 @@ def run_model(module, dataset, batch_size: int, num_embeddings: int, device: str
     per-character feature points of the first ``num_embeddings`` images)."""
     truths, preds, confidences, parts = [], [], [], []
     shared = bool(getattr(module.net, "shared_position_features", False))
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         images = module.preprocess(batch["image"].to(device))
         logits = module(images)
         decoded = module.decode(logits)

@@ -134,3 +134,48 @@ def test_bad_loader_settings_are_named(tmp_path, kwargs, match):
         CaptchaDataModule(cache_dir=str(tmp_path), **kwargs)
     with pytest.raises(ValueError, match=match):
         FolderDataModule(path=str(tmp_path / "imgs"), cache_dir=str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_batched_fetch_equals_collating_samples(cache_dir, grayscale):
+    # The loaders fetch a whole batch with one indexing of the image array (__getitems__); it must
+    # give exactly what collating the samples one by one gave.
+    from torch.utils.data import default_collate
+
+    from captcha_lit.data.datamodule import collate
+
+    dm = _dm(cache_dir, grayscale=grayscale)
+    dm.prepare_data()
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    indices = [7, 0, 31, 7, 12]
+    batch = dataset.__getitems__(indices)
+    expected = default_collate([dataset[i] for i in indices])
+    assert batch.keys() == expected.keys()
+    for key in ("image", "target", "length"):
+        assert batch[key].dtype == expected[key].dtype
+        assert torch.equal(batch[key], expected[key]), key
+    assert batch["image"].shape == (5, 1 if grayscale else 3, 32, 96)
+    assert batch["text"] == expected["text"]
+    assert collate(batch) is batch
+    # A loader over a Subset (as visualize builds) goes through the same path.
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=5, collate_fn=collate)
+    assert torch.equal(next(iter(loader))["image"], expected["image"])
+
+
+def test_batched_fetch_with_a_per_sample_transform_returns_samples(cache_dir):
+    from captcha_lit.data.datamodule import CaptchaArrayDataset, collate
+
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 96, 3), dtype=np.uint8)
+    calls = []
+
+    def transform(image):
+        calls.append(image.shape)
+        return image.flip(-1)
+
+    dataset = CaptchaArrayDataset(images, ["AB", "CD", "EF", "GH"], Charset("A-Z"), 2, transform=transform)
+    samples = dataset.__getitems__([2, 1])
+    assert isinstance(samples, list) and len(calls) == 2
+    batch = collate(samples)
+    assert batch["text"] == ["EF", "CD"]
+    assert torch.equal(batch["image"][0], torch.from_numpy(images[2]).permute(2, 0, 1).flip(-1))

@@ -561,3 +561,28 @@ def test_positional_confidence_is_product_of_characters():
     logits[0, :, 0] = 1e-3  # break ties towards class 0
     decoded = decode_positional(logits)
     assert decoded.seq_conf[0] == pytest.approx(0.25, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_uses_the_fused_kernel_and_matches_the_plain_one(name):
+    from captcha_lit.module import make_optimizer
+
+    torch.manual_seed(0)
+    plain_params = [torch.randn(4, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    fused_params = [p.detach().clone().requires_grad_(True) for p in plain_params]
+    plain = make_optimizer(name, plain_params, {"lr": 1e-2, "fused": False})
+    fused = make_optimizer(name, fused_params, {"lr": 1e-2})
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in plain_params]
+        for params, opt in ((plain_params, plain), (fused_params, fused)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(plain_params, fused_params):
+        assert not torch.equal(a, torch.zeros_like(a))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # An explicit choice is kept, and optimizers without a fused kernel are built as configured.
+    assert make_optimizer(name, [torch.zeros(2, requires_grad=True)], {"lr": 1e-3, "foreach": True}).defaults["fused"] is None
+    sgd = make_optimizer("sgd", [torch.zeros(2, requires_grad=True)], {"lr": 0.1, "momentum": 0.9})
+    assert "fused" not in sgd.defaults or not sgd.defaults["fused"]

@@ -17,7 +17,7 @@ from dataclasses import replace
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
@@ -52,6 +52,25 @@ class CaptchaArrayDataset(Dataset):
             image = self.transform(image)
         return {"image": image, "target": self.targets[index], "length": self.lengths[index],
                 "text": self.texts[index]}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict | list[dict]:
+        """A whole batch at once (the DataLoader asks for it this way): one indexing of the image
+        array instead of one per sample, the same tensors as collating ``self[i]`` for each index.
+        With a per-sample transform, the samples one by one."""
+        if self.transform is not None:
+            return [self[i] for i in indices]
+        index = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+        if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # as to_chw_uint8
+            images = images.permute(0, 3, 1, 2).contiguous()
+        rows = torch.from_numpy(index)
+        return {"image": images, "target": self.targets[rows], "length": self.lengths[rows],
+                "text": [self.texts[i] for i in index.tolist()]}
+
+
+def collate(batch):
+    """``default_collate``, except for a batch ``CaptchaArrayDataset.__getitems__`` already built."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 def check_input_size(input_size: Sequence[int]) -> None:
@@ -92,6 +111,7 @@ class ArrayLoaders:
         return DataLoader(
             dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
             drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers, pin_memory=False,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
