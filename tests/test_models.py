@@ -220,6 +220,21 @@ def test_downsample_per_stage_errors_are_named(bad):
                   downsample=["pool_first", "stride"])
 
 
+def test_cnn_heads_read_the_flattened_map_without_a_hidden_layer():
+    # model.hidden=0: each position's softmax head is one linear layer over the flattened 2x5 map.
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1)
+    net = get_model("cnn", hidden=0, **kwargs)
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d)) for m in net.head.fc.modules())
+    assert [(h.in_features, h.out_features) for h in net.head.heads] == [(128 * 2 * 5, NUM_CLASSES)] * MAX_LEN
+    hidden = get_model("cnn", hidden=64, **kwargs)
+    assert [h.in_features for h in hidden.head.heads] == [64] * MAX_LEN
+    x = torch.randn(4, 1, 64, 160)
+    assert net.forward_features(x).shape == (4, MAX_LEN, 128 * 2 * 5)
+    _assert_learns("cnn", net, x)
+    with pytest.raises(ValueError, match=re.escape("model.hidden=-1: use a width >= 1, or 0")):
+        get_model("cnn", hidden=-1, **kwargs)
+
+
 @pytest.mark.parametrize("name", ["crnn", "cnn"])
 def test_stem_without_norm(name):
     # model.stem_norm=false: the stem conv gets a bias and no batch norm; the default keeps it,

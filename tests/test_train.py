@@ -41,8 +41,11 @@ def test_fast_dev_run(make_cfg, model):
 
 
 @pytest.mark.parametrize("experiment, expected", [
-    ("cnn", {"model.name": "cnn", "trainer.max_epochs": 5, "data.min_length": 5, "model.stem": 16,
-             "model.convs_per_stage": 2, "model.downsample": "maxpool"}),
+    ("cnn", {"model.name": "cnn", "trainer.max_epochs": 7, "data.min_length": 5, "data.num_train": 140000,
+             "model.stem": 16, "model.stem_norm": False, "model.convs_per_stage": 2, "model.downsample": "pool_first",
+             "model.hidden": 0, "model.dropout": 0.4}),
+    ("seed", {"model.name": "cnn", "trainer.max_epochs": 50, "data.num_train": 800, "data.input_size": [128, 128],
+              "model.stem": 0, "model.convs_per_stage": 1, "model.downsample": "maxpool", "model.hidden": 512}),
     ("varlen", {"model.name": "crnn", "data.min_length": 4, "data.max_length": 7, "data.num_train": 150000}),
 ])
 def test_experiment_recipes_compose_and_train(make_cfg, tmp_path, experiment, expected):

@@ -235,11 +235,13 @@ class FlattenHeads(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, max_length: int, hidden: int, dropout: float):
         super().__init__()
-        self.fc = nn.Sequential(
-            nn.Flatten(), Dropout(dropout), nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True), Dropout(dropout),
-        )
-        self.heads = nn.ModuleList(nn.Linear(hidden, num_classes) for _ in range(max_length))
+        if hidden < 0:
+            raise ValueError(f"model.hidden={hidden}: use a width >= 1, or 0 for heads that read the flattened map")
+        layers: list[nn.Module] = [nn.Flatten(), Dropout(dropout)]
+        if hidden:
+            layers += [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), Dropout(dropout)]
+        self.fc = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(hidden or in_features, num_classes) for _ in range(max_length))
 
     def features(self, fmap: torch.Tensor) -> torch.Tensor:
         shared = self.fc(fmap)
