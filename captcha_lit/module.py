@@ -364,6 +364,9 @@ def _check_optim(optimizer: dict, scheduler: dict) -> None:
     lr = optimizer.get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.lr={lr!r} must be a positive number")
+    for flag in ("fused", "foreach"):  # torch reads any truthy value, so a typo like 'no' would switch it on
+        if optimizer.get(flag) not in (None, True, False):
+            raise ValueError(f"optimizer.{flag}={optimizer[flag]!r}: use true, false or null")
     kind = scheduler.get("name")
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of: {', '.join(SCHEDULERS)}")

@@ -597,6 +597,10 @@ def test_adam_uses_the_fused_kernel_and_matches_the_plain_one(name):
     for a, b in zip(plain_params, fused_params):
         assert not torch.equal(a, torch.zeros_like(a))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # A value that is not a bool is named, not read as true.
+    for bad in ("no", "maybe", 2):
+        with pytest.raises(ValueError, match=re.escape(f"optimizer.fused={bad!r}: use true, false or null")):
+            _module(optimizer={"name": name, "lr": 1e-3, "fused": bad})
     # An explicit choice is kept, and optimizers without a fused kernel are built as configured.
     assert make_optimizer(name, [torch.zeros(2, requires_grad=True)], {"lr": 1e-3, "foreach": True}).defaults["fused"] is None
     sgd = make_optimizer("sgd", [torch.zeros(2, requires_grad=True)], {"lr": 0.1, "momentum": 0.9})

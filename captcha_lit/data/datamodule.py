@@ -60,9 +60,7 @@ class CaptchaArrayDataset(Dataset):
         if self.transform is not None:
             return [self[i] for i in indices]
         index = np.asarray(indices, dtype=np.int64)
-        images = torch.from_numpy(np.ascontiguousarray(self.images[index]))
-        if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # as to_chw_uint8
-            images = images.permute(0, 3, 1, 2).contiguous()
+        images = to_chw_uint8(torch.from_numpy(self.images[index]))  # fancy indexing copies, also from a memmap
         rows = torch.from_numpy(index)
         return {"image": images, "target": self.targets[rows], "length": self.lengths[rows],
                 "text": [self.texts[i] for i in index.tolist()]}

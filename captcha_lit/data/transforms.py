@@ -22,10 +22,11 @@ AUGMENTATION_BACKENDS = ("batch", "torchvision")
 
 
 def to_chw_uint8(image) -> torch.Tensor:
-    """(H, W, C) uint8 array or tensor -> (C, H, W) uint8 tensor, C = 3 (RGB) or 1 (grayscale)."""
+    """(H, W, C) uint8 array or tensor -> (C, H, W) uint8 tensor, C = 3 (RGB) or 1 (grayscale);
+    a (B, H, W, C) batch -> (B, C, H, W)."""
     tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(image)
-    if tensor.ndim == 3 and tensor.shape[-1] in (1, 3) and tensor.shape[0] not in (1, 3):
-        tensor = tensor.permute(2, 0, 1)
+    if tensor.ndim in (3, 4) and tensor.shape[-1] in (1, 3) and tensor.shape[-3] not in (1, 3):
+        tensor = tensor.movedim(-1, -3)
     return tensor.contiguous()
 
 
