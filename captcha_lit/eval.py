@@ -18,8 +18,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from captcha_lit.builders import build_datamodule, build_trainer, checkpoint_data_config, load_module, to_plain
-from captcha_lit.callbacks import ErrorAnalysis, written_files
+from captcha_lit.training.builders import build_datamodule, build_trainer, checkpoint_data_config, load_module, to_plain
+from captcha_lit.training.callbacks import ErrorAnalysis, written_files
 from captcha_lit.utils import entry_point, output_dir, write_json
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from captcha_lit.preprocess import ImageDecodeError, load_input
-from captcha_lit.runtime import Solution
+from captcha_lit.deploy.runtime import Solution
 from captcha_lit.utils import entry_point, write_json
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
 def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
     import torch
 
-    from captcha_lit.builders import load_module
+    from captcha_lit.training.builders import load_module
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,7 +80,7 @@ def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Cal
 
 
 def _onnx_model(path: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
-    from captcha_lit.runtime import Solver
+    from captcha_lit.deploy.runtime import Solver
 
     solver = Solver(path)
     return solver.info.input_size, solver.info.channels, solver.solve_arrays

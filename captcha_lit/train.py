@@ -23,10 +23,10 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from captcha_lit.builders import build_datamodule, build_module, build_trainer, check_checkpoint, init_from_checkpoint, to_plain
-from captcha_lit.callbacks import RunTimeline, written_files
-from captcha_lit.distributed import ddp_job
-from captcha_lit.resume import resume_point
+from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, check_checkpoint, init_from_checkpoint, to_plain
+from captcha_lit.training.callbacks import RunTimeline, written_files
+from captcha_lit.training.distributed import ddp_job
+from captcha_lit.training.resume import resume_point
 from captcha_lit.utils import entry_point, flatten, output_dir, write_json
 
 log = logging.getLogger(__name__)

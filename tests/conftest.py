@@ -146,7 +146,7 @@ def tiny_checkpoints(tmp_path_factory, cache_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def exported_models(tiny_checkpoints, tmp_path_factory) -> dict[str, dict]:
     """``python -m captcha_lit.export`` on each tiny checkpoint: arch -> {run_dir, onnx, report}."""
-    from captcha_lit.export import export
+    from captcha_lit.deploy.export import export
 
     exported = {}
     for arch, ckpt in tiny_checkpoints.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from captcha_lit import bench
+from captcha_lit.bench import run as bench
 
 
 def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from captcha_lit import __version__
-from captcha_lit.builders import load_module
+from captcha_lit.training.builders import load_module
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional
-from captcha_lit.export import ParityError, export, export_onnx
+from captcha_lit.deploy.export import ParityError, export, export_onnx
 from captcha_lit.predict import predict
 from captcha_lit.preprocess import load_input
-from captcha_lit.runtime import Solver
+from captcha_lit.deploy.runtime import Solver
 from conftest import PYTHON, REPO_ROOT, cli_env
 
 ARCHS = ("cnn", "crnn")
@@ -193,7 +193,7 @@ class _NotPlain:
 _RUNTIME_SCRIPT = """
 import json, sys
 from PIL import Image
-from captcha_lit.runtime import Solver
+from captcha_lit.deploy.runtime import Solver
 solver = Solver(sys.argv[1])
 paths = sys.argv[2:]
 single = solver.solve(open(paths[0], "rb").read())

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import captcha_lit.data.folder as folder_module
-from captcha_lit.builders import build_datamodule
+from captcha_lit.training.builders import build_datamodule
 from captcha_lit.data.folder import FolderDataModule
 from captcha_lit.preprocess import load_input
 from conftest import REPO_ROOT

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captcha_lit.builders import build_module, init_from_checkpoint, to_plain
+from captcha_lit.training.builders import build_module, init_from_checkpoint, to_plain
 from captcha_lit.eval import evaluate
 from captcha_lit.train import train
 from conftest import QUIET_TRAINER, REPO_ROOT, _compose

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from captcha_lit.builders import build_module, init_from_checkpoint, load_module
+from captcha_lit.training.builders import build_module, init_from_checkpoint, load_module
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec, generate
 from captcha_lit.data.transforms import BatchAugment, TrainPreset
 from captcha_lit.eval import evaluate
-from captcha_lit.export import export
+from captcha_lit.deploy.export import export
 from captcha_lit.predict import predict
 from captcha_lit.preprocess import load_input, resize_to_input
-from captcha_lit.runtime import Solver
+from captcha_lit.deploy.runtime import Solver
 from captcha_lit.train import train
 
 GRAY_CRNN = ["data.grayscale=true", "model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]

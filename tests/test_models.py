@@ -5,7 +5,7 @@ import torch
 
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional
 from captcha_lit.models import get_model, list_models, model_decoder
-from captcha_lit.module import CaptchaModule
+from captcha_lit.training.module import CaptchaModule
 
 NUM_CLASSES, MAX_LEN, INPUT = 36, 5, (32, 96)
 
@@ -580,7 +580,7 @@ def test_positional_confidence_is_product_of_characters():
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_uses_the_fused_kernel_and_matches_the_plain_one(name):
-    from captcha_lit.module import make_optimizer
+    from captcha_lit.training.module import make_optimizer
 
     torch.manual_seed(0)
     plain_params = [torch.randn(4, 3, requires_grad=True), torch.randn(7, requires_grad=True)]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from captcha_lit.module import CaptchaModule
-from captcha_lit.resume import resume_point
+from captcha_lit.training.module import CaptchaModule
+from captcha_lit.training.resume import resume_point
 from captcha_lit.train import train
 
 SMALL = ["model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "trainer.max_epochs=3"]

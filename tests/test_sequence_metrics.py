@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from captcha_lit.builders import build_datamodule
+from captcha_lit.training.builders import build_datamodule
 from captcha_lit.decoding import Decoded
-from captcha_lit.module import CaptchaModule
+from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
 
 SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]

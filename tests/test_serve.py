@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from captcha_lit import __version__
-from captcha_lit.runtime import Solver
+from captcha_lit.deploy.runtime import Solver
 from conftest import PYTHON, REPO_ROOT, cli_env
 from test_deploy import captcha_pngs
 

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from captcha_lit.runtime import Solver
-from captcha_lit.serve import resolve_workers
+from captcha_lit.deploy.runtime import Solver
+from captcha_lit.deploy.serve import resolve_workers
 from conftest import PYTHON, REPO_ROOT, cli_env
 from test_deploy import captcha_pngs
 from test_serve import _free_port
@@ -116,7 +116,7 @@ def test_worker_counts():
 def test_workers_refuse_a_port_another_server_listens_on():
     import socket
 
-    from captcha_lit.serve import _listening_sockets
+    from captcha_lit.deploy.serve import _listening_sockets
 
     for reuse_port in (False, True):  # a plain server, and one (like ours) that allows SO_REUSEPORT
         with socket.socket() as other:
@@ -130,7 +130,7 @@ def test_workers_refuse_a_port_another_server_listens_on():
 
 
 def test_workers_share_one_free_port():
-    from captcha_lit.serve import _listening_sockets
+    from captcha_lit.deploy.serve import _listening_sockets
 
     sockets = _listening_sockets("127.0.0.1", 0, 3)
     try:

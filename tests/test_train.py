@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from captcha_lit.eval import evaluate
-from captcha_lit.module import CaptchaModule
+from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
 from conftest import PYTHON, REPO_ROOT, cli_env
 
@@ -279,7 +279,7 @@ def test_eval_runs_in_full_precision_under_autocast(trained_run, make_cfg):
 def test_precision_auto_resolves_per_device():
     from omegaconf import OmegaConf
 
-    from captcha_lit.builders import build_trainer, native_bf16, resolve_precision
+    from captcha_lit.training.builders import build_trainer, native_bf16, resolve_precision
 
     expected = "bf16-mixed" if native_bf16("cpu") else "32-true"
     assert resolve_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"})) == expected

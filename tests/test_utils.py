@@ -5,7 +5,6 @@ import pytest
 import yaml
 
 from captcha_lit.report import collect, main as report_main, write_report
-from captcha_lit.summary import main as summary_main
 from captcha_lit.utils import entry_point, flatten, write_json
 
 
@@ -105,5 +104,3 @@ def test_sweep_report_sorts_best_first_and_lists_every_job(tmp_path, capsys):
         yaml.safe_dump({"name": "optuna", "best_params": {"optimizer.lr": 0.003}, "best_value": 0.75}))
     report_main([str(sweep)])
     assert "optuna best: 0.7500 with optimizer.lr=0.003" in capsys.readouterr().out
-    summary_main([str(sweep)])  # the old name still works
-    assert "| 10 | done |" in capsys.readouterr().out

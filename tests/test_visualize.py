@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from captcha_lit import analysis, plots
-from captcha_lit.callbacks import PredictionGallery
+from captcha_lit.viz import analysis, plots
+from captcha_lit.training.callbacks import PredictionGallery
 from captcha_lit.decoding import ctc_character_steps
 from captcha_lit.eval import evaluate
-from captcha_lit.module import CaptchaModule
+from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
-from captcha_lit.visualize import visualize
+from captcha_lit.viz.visualize import visualize
 from conftest import PYTHON, REPO_ROOT, cli_env
 
 SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _median(values):
@@ -119,8 +119,8 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
 
     import torch
 
-    from captcha_lit.builders import build_module, resolve_precision
-    from captcha_lit.module import make_optimizer
+    from captcha_lit.training.builders import build_module, resolve_precision
+    from captcha_lit.training.module import make_optimizer
 
     cfg = _compose(overrides)
     precision = str(resolve_precision(cfg.trainer))
@@ -332,9 +332,9 @@ def bench_onnx(repeats: int, http_seconds: float, http_clients: int = 16, latenc
     """The default model (freshly initialized: speed does not depend on the weights) exported to ONNX."""
     import torch
 
-    from captcha_lit.builders import build_module
-    from captcha_lit.export import export_onnx
-    from captcha_lit.runtime import Solver
+    from captcha_lit.training.builders import build_module
+    from captcha_lit.deploy.export import export_onnx
+    from captcha_lit.deploy.runtime import Solver
 
     cfg = _compose([])
     module = build_module(cfg).eval()
@@ -533,7 +533,7 @@ def bench_ddp(repeats: int, num_train: int, epochs: int, out_dir: Path) -> dict:
               "two_processes": ["trainer=ddp", "trainer.devices=2", "data.batch_size=32"]}
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     try:
-        from captcha_lit.builders import build_datamodule
+        from captcha_lit.training.builders import build_datamodule
 
         build_datamodule(_compose(common).data).prepare_data()  # generated once, outside the timed runs
         for r in range(repeats):
@@ -558,7 +558,7 @@ def _data_wait_run(overrides: list[str], skip: int) -> dict:
     import lightning as L
     from lightning.pytorch.profilers import SimpleProfiler
 
-    from captcha_lit.builders import build_datamodule, build_module
+    from captcha_lit.training.builders import build_datamodule, build_module
 
     class Span(L.Callback):
         """Wall time from the end of warm-up batch ``skip - 1`` to the end of the last batch."""

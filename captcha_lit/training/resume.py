@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig
 
-from captcha_lit.builders import to_plain
+from captcha_lit.training.builders import to_plain
 from captcha_lit.utils import flatten, write_json
 
 log = logging.getLogger(__name__)

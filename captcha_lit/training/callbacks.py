@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from captcha_lit import analysis, plots
+from captcha_lit.viz import analysis, plots
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class PredictionGallery(_Pictures):
 
 
 class ErrorAnalysis(_Pictures):
-    """At the end of a test run, the errors by character (definitions in ``captcha_lit.analysis``):
+    """At the end of a test run, the errors by character (definitions in ``captcha_lit.viz.analysis``):
 
     - the confusion matrix: TensorBoard image ``test/confusion``, confusion.png and confusion.csv;
     - accuracy per character position: ``test/position_accuracy`` (image and one scalar per position),

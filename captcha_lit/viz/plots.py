@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from captcha_lit.analysis import MISSING, ErrorReport, FeaturePoints, align
+from captcha_lit.viz.analysis import MISSING, ErrorReport, FeaturePoints, align
 
 GREEN = (0, 140, 60)
 RED = (210, 30, 30)

@@ -1,6 +1,6 @@
 """Solve CAPTCHAs with an exported ONNX model, without torch.
 
-    from captcha_lit.runtime import Solver
+    from captcha_lit.deploy.runtime import Solver
 
     solver = Solver("model.onnx")
     solver.solve("captcha.png")     # Solution(text='7K2QD', confidence=0.93, char_confidences=[...])

@@ -141,7 +141,7 @@ def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dic
 def build_module(cfg: DictConfig, datamodule=None):
     """The CaptchaModule for ``cfg``. With a ``datamodule``, its ``label_spec()`` (e.g. the charset
     a folder dataset inferred from its labels) takes the place of data.charset and the lengths."""
-    from captcha_lit.module import CaptchaModule
+    from captcha_lit.training.module import CaptchaModule
 
     model = dict(to_plain(cfg.model))
     arch = model.pop("name")
@@ -170,7 +170,7 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
     are mapped by character: shared characters (and CTC's blank, or the end symbol) keep
     their trained rows, new characters keep their fresh initialization. Returns a summary.
     """
-    from captcha_lit.module import output_classes
+    from captcha_lit.training.module import output_classes
     from captcha_lit.models import model_decoder
 
     state = load_checkpoint_dict(path)
@@ -270,7 +270,7 @@ def load_checkpoint_dict(path: str | os.PathLike) -> dict:
 
 def load_module(path: str | os.PathLike, map_location: str = "cpu"):
     """Rebuild a CaptchaModule from its checkpoint alone."""
-    from captcha_lit.module import CaptchaModule
+    from captcha_lit.training.module import CaptchaModule
 
     state = load_checkpoint_dict(path)
     if "hyper_parameters" not in state or "state_dict" not in state:

@@ -1,9 +1,9 @@
 """How separable are two characters as the ``captcha`` package draws them?
 
-    python -m captcha_lit.ambiguity                       # O vs 0, isolated, 120,000 characters, 5 epochs
-    python -m captcha_lit.ambiguity --squeeze --width 96  # as inside a whole CAPTCHA at input width 96
-    python -m captcha_lit.ambiguity --pair 1I --train 40000 --epochs 3
-    python -m captcha_lit.ambiguity --context --train 25000,50000,100000  # inside whole CAPTCHAs
+    python docs/studies/ambiguity.py                       # O vs 0, isolated, 120,000 characters, 5 epochs
+    python docs/studies/ambiguity.py --squeeze --width 96  # as inside a whole CAPTCHA at input width 96
+    python docs/studies/ambiguity.py --pair 1I --train 40000 --epochs 3
+    python docs/studies/ambiguity.py --context --train 25000,50000,100000  # inside whole CAPTCHAs
 
 A security auditor's question before blaming a model: is a confusion in the scheme or in the
 solver? This trains a small binary classifier on single characters drawn by the package's

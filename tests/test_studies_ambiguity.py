@@ -1,13 +1,17 @@
-"""``python -m captcha_lit.ambiguity``: seeded character drawing and a short study."""
+"""``python docs/studies/ambiguity.py``: seeded character drawing and a short study."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from captcha_lit.ambiguity import CONTEXT_WIDTH, SIDE, draw_characters, draw_in_context, main
+# A research study, not part of the package; its worker processes import it by name too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "studies"))
+from ambiguity import CONTEXT_WIDTH, SIDE, draw_characters, draw_in_context, main  # noqa: E402
 
 
 def test_drawing_is_seeded_and_squeeze_narrows_the_characters():

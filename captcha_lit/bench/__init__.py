@@ -1,0 +1,1 @@
+"""`make bench`: accuracy and speed benchmarks (``python -m captcha_lit.bench --help``)."""

@@ -1,0 +1,3 @@
+from captcha_lit.bench.run import main
+
+main()

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, the torch-free runtime and the HTTP service."""

@@ -1,0 +1,221 @@
+"""Export a checkpoint to ONNX, with everything needed to decode in its metadata.
+
+    python -m captcha_lit.export ckpt_path=outputs/train/runs/<time>/checkpoints/last.ckpt
+
+Writes ``model.onnx`` (dynamic batch) into the run directory, then checks it against
+PyTorch on freshly generated CAPTCHAs drawn like the checkpoint's training data: the
+largest absolute logit difference and whether the decoded texts agree. The report
+goes to ``model.parity.json`` next to the model. A model whose texts disagree beyond
+``parity.max_mismatch_rate`` is renamed to ``*.failed.onnx`` and the export fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from captcha_lit import __version__
+from captcha_lit.training.builders import checkpoint_data_config, load_module
+from captcha_lit.deploy.runtime import ModelInfo, Solver
+from captcha_lit.utils import output_dir, write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+class ParityError(ValueError):
+    """The exported model does not reproduce PyTorch's predictions."""
+
+
+def model_info(module) -> ModelInfo:
+    hp = module.hparams
+    return ModelInfo(charset=module.charset.chars, input_size=tuple(hp.input_size), mean=tuple(hp.mean),
+                     std=tuple(hp.std), decoder=module.decoder, min_length=int(hp.min_length),
+                     max_length=int(hp.max_length), end_class=module.end_class, arch=hp.arch, version=__version__,
+                     beam_width=int(hp.get("beam_width", 1)))
+
+
+def _to_onnx(module, path: Path, opset: int) -> None:
+    import onnx
+
+    height, width = module.hparams.input_size
+    # Batch 2, not 1, so that no batch-sized dimension is mistaken for a constant.
+    sample = torch.zeros(2, module.channels, int(height), int(width))
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns about itself, about assertions inside torch.nn (RNN
+        # and attention input checks) and about GRU batch sizes; the parity check below
+        # verifies the result at several batch sizes instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in model_info(module).to_metadata().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name, model.producer_version = "captcha_lit", __version__
+    model.doc_string = (f"captcha_lit {module.hparams.arch} CAPTCHA solver; decode with captcha_lit.deploy.runtime.Solver "
+                        "or read the metadata_props")
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+PARITY_SPLITS = ("generated", "test")
+
+
+def _parity_images(state: dict, count: int | None, seed: int | str, split: str = "generated",
+                   ) -> tuple[list[str], np.ndarray]:
+    """The images of the parity check, at the model's input size: ``generated`` draws fresh
+    CAPTCHAs like the checkpoint's training data; ``test`` takes the checkpoint's own fixed
+    test split (from the data cache), the images its test accuracy was measured on."""
+    if split not in PARITY_SPLITS:
+        raise ValueError(f"parity.split={split!r}: use one of {', '.join(PARITY_SPLITS)}")
+    data = checkpoint_data_config(state)
+    if split == "test":
+        from captcha_lit.training.builders import build_datamodule
+
+        if not state.get("datamodule_hyper_parameters"):
+            raise ValueError("parity.split=test needs the checkpoint's data config, and this checkpoint has none; "
+                             "use parity.split=generated")
+        datamodule = build_datamodule(data)
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        test = datamodule.datasets["test"]
+        n = len(test) if count is None else min(int(count), len(test))
+        return test.texts[:n], np.stack([np.asarray(test.images[i]) for i in range(n)])
+
+    from captcha_lit.data.synthetic import GeneratorSpec, generate, resolve_fonts
+
+    try:
+        fonts = resolve_fonts(data.get("fonts"))
+    except ValueError as exc:  # the training fonts may live on another machine
+        log.warning("parity check uses the default font: %s", exc)
+        fonts = None
+    spec = GeneratorSpec(
+        charset=data["charset"], min_length=int(data["min_length"]), max_length=int(data["max_length"]),
+        width=int(data.get("width", 160)), height=int(data.get("height", 60)),
+        input_size=tuple(int(v) for v in data["input_size"]), channels=len(data["mean"]),
+        fonts=tuple(fonts) if fonts else None,
+        font_sizes=tuple(int(s) for s in data["font_sizes"]) if data.get("font_sizes") else None,
+    )
+    return generate(spec, seed, "export_parity", int(count or 100), workers=1)
+
+
+def check_parity(module, state: dict, solver: Solver, *, num_images: int | None, seed: int | str = 0,
+                 split: str = "generated", batch_size: int = 32) -> dict:
+    """Compare PyTorch and the ONNX runtime on the same images (see ``_parity_images``)."""
+    labels, images = _parity_images(state, num_images, seed, split)
+    torch_texts, torch_conf, torch_logits = [], [], []
+    module = module.to("cpu").eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
+            logits = module(module.preprocess(chunk))
+            # The runtime decodes greedily, so that is what it is compared with.
+            decoded = module.decode(logits, beam_width=1)
+            torch_texts += [module.charset.decode(row) for row in decoded.indices]
+            torch_conf += decoded.seq_conf
+            torch_logits.append(logits.float().numpy())
+    reference = np.concatenate(torch_logits)
+    # The runtime runs in its own batches (solver.batch_size), so the dynamic batch axis is exercised too.
+    onnx_logits = np.concatenate([solver.logits(images[s:s + solver.batch_size])
+                                  for s in range(0, len(images), solver.batch_size)])
+    solutions = solver.solve_arrays(images)
+    onnx_texts = [s.text for s in solutions]
+    mismatched = [{"index": i, "label": labels[i], "torch": t, "onnx": o}
+                  for i, (t, o) in enumerate(zip(torch_texts, onnx_texts)) if t != o]
+    return {
+        "num_images": len(images),
+        "split": split,
+        "max_abs_logit_diff": float(np.abs(onnx_logits - reference).max()),
+        "max_confidence_diff": float(max(abs(a - s.confidence) for a, s in zip(torch_conf, solutions))),
+        "text_agreement": 1.0 - len(mismatched) / len(images),
+        "text_mismatches": len(mismatched),
+        "mismatched": mismatched[:20],
+        "torch_seq_acc": float(np.mean([t == y for t, y in zip(torch_texts, labels)])),
+        "onnx_seq_acc": float(np.mean([t == y for t, y in zip(onnx_texts, labels)])),
+    }
+
+
+def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17, parity_images: int | None = 100,
+                parity_seed: int | str = 0, max_mismatch_rate: float = 0.01, max_logit_diff: float = 1e-3,
+                ckpt_path: str | None = None, parity_split: str = "generated") -> dict:
+    """Write ``path`` and ``<stem>.parity.json``; raise ParityError if the model disagrees with PyTorch."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"output={str(path)!r}: the ONNX file name must end in .onnx")
+    if parity_images is not None and parity_images < 1:
+        raise ValueError(f"parity.num_images={parity_images} must be at least 1 (or null: the whole test split "
+                         "with parity.split=test): an export is always checked")
+    if parity_images is None and parity_split != "test":
+        raise ValueError("parity.num_images=null (every image) needs parity.split=test")
+    if parity_split not in PARITY_SPLITS:
+        raise ValueError(f"parity.split={parity_split!r}: use one of {', '.join(PARITY_SPLITS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.to("cpu").eval()
+    if module.decoder == "ctc" and int(module.hparams.get("beam_width", 1)) > 1:
+        log.warning("the checkpoint decodes with CTC beam search (beam_width=%s); captcha_lit.deploy.runtime decodes the "
+                    "exported model greedily", module.hparams.beam_width)
+    _to_onnx(module, path, opset)
+    solver = Solver(path)
+    report = {
+        "model": str(path.resolve()), "ckpt_path": str(Path(ckpt_path).resolve()) if ckpt_path else None,
+        "model_id": solver.model_id, "opset": int(opset),
+        **check_parity(module, state, solver, num_images=parity_images, seed=parity_seed, split=parity_split),
+        "max_mismatch_rate": float(max_mismatch_rate), "max_logit_diff_allowed": float(max_logit_diff),
+        "metadata": model_info(module).to_metadata(),
+    }
+    problems = []
+    if report["text_mismatches"] > max_mismatch_rate * report["num_images"]:
+        problems.append(f"{report['text_mismatches']} of {report['num_images']} decoded texts differ "
+                        f"(allowed: {max_mismatch_rate:.1%})")
+    if not report["max_abs_logit_diff"] <= max_logit_diff:  # also catches NaN
+        problems.append(f"largest logit difference {report['max_abs_logit_diff']:.3g} exceeds {max_logit_diff:g}")
+    report["passed"] = not problems
+    report_path = path.with_name(f"{path.stem}.parity.json")
+    if problems:
+        failed = path.with_name(f"{path.stem}.failed.onnx")
+        os.replace(path, failed)
+        report["model"] = str(failed.resolve())
+        write_json(report_path, report)
+        raise ParityError(
+            f"the ONNX export does not match PyTorch: {'; '.join(problems)}. The model was moved to {failed} "
+            f"so that it is not served by mistake; details in {report_path}"
+        )
+    write_json(report_path, report)
+    report["parity_report"] = str(report_path)
+    return report
+
+
+def export(cfg: DictConfig) -> dict:
+    fmt = str(cfg.get("format", "onnx"))
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is not supported; use format=onnx")
+    module, state = load_module(cfg.ckpt_path)
+    path = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else Path(output_dir(cfg)) / "model.onnx"
+    parity = cfg.get("parity") or {}
+    num_images = parity.get("num_images", 100)
+    report = export_onnx(
+        module, state, path, opset=int(cfg.get("opset", 17)),
+        parity_images=None if num_images is None else int(num_images), parity_split=str(parity.get("split", "generated")),
+        parity_seed=parity.get("seed", 0), max_mismatch_rate=float(parity.get("max_mismatch_rate", 0.01)),
+        max_logit_diff=float(parity.get("max_logit_diff", 1e-3)), ckpt_path=str(cfg.ckpt_path),
+    )
+    print("\n".join([
+        "", f"exported {module.hparams.arch} ({module.decoder} decoder) to {report['model']}",
+        f"  parity on {report['num_images']} {'test' if report['split'] == 'test' else 'generated'} images: texts agree {report['text_agreement']:.1%}, "
+        f"largest logit difference {report['max_abs_logit_diff']:.2e}",
+        f"  seq acc on them: torch {report['torch_seq_acc']:.3f}, onnx {report['onnx_seq_acc']:.3f}",
+        f"  report: {report['parity_report']}",
+    ]))
+    return report

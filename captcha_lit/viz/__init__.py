@@ -1,0 +1,1 @@
+"""Pictures: sample grids and galleries, error analysis, t-SNE of learned features."""
