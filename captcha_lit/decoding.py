@@ -6,9 +6,13 @@ eval and predict. Logits may be numpy arrays or torch tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from captcha_lit.spec import ModelSpec
 
 
 @dataclass
@@ -16,6 +20,41 @@ class Decoded:
     indices: list[list[int]]  # class indices per sample, padding and blanks removed
     char_conf: list[list[float]]  # probability of each decoded character
     seq_conf: list[float]  # probability of the whole text (product of its characters)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """One image's reading."""
+
+    text: str
+    confidence: float  # probability of the whole text
+    char_confidences: list[float]  # probability of each character of ``text``
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode(spec: ModelSpec, logits, beam_width: int | None = None) -> Decoded:
+    """Logits -> class indices and confidences, as ``spec`` says: CTC (prefix beam search when the
+    beam width, ``beam_width`` or the spec's own, is above 1, else greedy) or positional."""
+    if spec.decoder == "ctc":
+        width = spec.beam_width if beam_width is None else int(beam_width)
+        if width > 1:
+            return decode_ctc_beam(logits, blank=spec.blank, beam_width=width)
+        return decode_ctc_greedy(logits, blank=spec.blank)
+    return decode_positional(logits, end_class=spec.end_class)
+
+
+def read_logits(spec: ModelSpec, logits, beam_width: int | None = None) -> tuple[list[Solution], Decoded]:
+    """Logits -> each sample's text and confidences: the one path from a model's output to text,
+    for training metrics, eval, predict, export, visualize, the benchmarks and the ONNX runtime."""
+    from captcha_lit.charset import Charset
+
+    decoded = decode(spec, logits, beam_width)
+    charset = Charset(spec.charset)
+    solutions = [Solution(charset.decode(indices), confidence, char_conf)
+                 for indices, char_conf, confidence in zip(decoded.indices, decoded.char_conf, decoded.seq_conf)]
+    return solutions, decoded
 
 
 def _as_float_array(logits) -> np.ndarray:

@@ -18,14 +18,13 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from captcha_lit.training.builders import build_datamodule, build_trainer, checkpoint_data_config, load_module, to_plain
+from captcha_lit.spec import DATA_KEYS
+from captcha_lit.training.builders import (build_datamodule, build_trainer, checkpoint_data_config,
+                                            checkpoint_spec, load_module, to_plain)
 from captcha_lit.training.callbacks import ErrorAnalysis, written_files
 from captcha_lit.utils import entry_point, output_dir, write_json
 
 log = logging.getLogger(__name__)
-
-_MODEL_OWNED = ("charset", "min_length", "max_length", "input_size", "mean", "std")
-
 
 def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> dict:
     """The checkpoint's data config, with the user's data.* overrides applied on top."""
@@ -39,15 +38,16 @@ def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> d
             if key.startswith("data."):
                 name = key.split(".", 2)[1]
                 data[name] = composed.get(name)
-    hp = state["hyper_parameters"]
-    for key in _MODEL_OWNED:  # the model can only read what it was trained on
-        if key in data and data[key] != hp[key] and not (key in ("min_length", "max_length")):
-            log.warning("data.%s=%s differs from the checkpoint's %s; using the checkpoint's", key, data[key], hp[key])
-        data[key] = hp[key]
-    grayscale = len(hp["mean"]) == 1
-    if data.get("grayscale", grayscale) != grayscale:
+    spec = checkpoint_spec(state)
+    for key in DATA_KEYS:  # the model can only read what it was trained on
+        value = getattr(spec, key)
+        value = list(value) if isinstance(value, tuple) else value
+        if key in data and data[key] != value and key not in ("min_length", "max_length"):
+            log.warning("data.%s=%s differs from the checkpoint's %s; using the checkpoint's", key, data[key], value)
+        data[key] = value
+    if data.get("grayscale", spec.grayscale) != spec.grayscale:
         log.warning("data.grayscale=%s differs from the checkpoint's; using the checkpoint's", data["grayscale"])
-    data["grayscale"] = grayscale
+    data["grayscale"] = spec.grayscale
     return data
 
 
@@ -55,13 +55,7 @@ def set_beam_width(module, beam_width: int | None) -> None:
     """``beam_width=N`` on the command line replaces the checkpoint's; null keeps it."""
     if beam_width is None:
         return
-    width = int(beam_width)
-    if width < 1:
-        raise ValueError(f"beam_width={width} must be at least 1 (1: greedy decoding)")
-    if width > 1 and module.decoder != "ctc":
-        raise ValueError(f"beam_width={width} applies to CTC models; this checkpoint is a "
-                         f"{module.hparams.arch!r} model, which reads one character per position")
-    module.beam_width = width
+    module.spec = module.spec.replace(beam_width=int(beam_width))
 
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -79,7 +73,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     results = trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     metrics.update({"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "num_test": len(datamodule.datasets["test"]),
-                    "beam_width": module.beam_width if module.decoder == "ctc" else None,
+                    "beam_width": module.spec.beam_width if module.spec.decoder == "ctc" else None,
                     "wall_time_s": round(time.time() - start, 2), "plots": written_files(callbacks)})
     write_json(Path(out_dir) / "metrics.json", metrics)
     print("\n".join(["", "test metrics:"] + [f"  {k:<16} {v}" for k, v in metrics.items() if k != "plots"]))

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from captcha_lit.preprocess import ImageDecodeError, load_input
-from captcha_lit.deploy.runtime import Solution
+from captcha_lit.decoding import Solution
 from captcha_lit.utils import entry_point, write_json
 
 log = logging.getLogger(__name__)
@@ -65,25 +65,23 @@ def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Cal
     import torch
 
     from captcha_lit.training.builders import load_module
+    from captcha_lit.training.inference import read_images
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module, _ = load_module(ckpt_path, map_location=device)
 
-    @torch.inference_mode()
     def solve(images: np.ndarray) -> list[Solution]:
-        batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
-        texts, decoded = module.predict_texts(module.preprocess(batch))
-        return [Solution(text, seq, chars) for text, seq, chars in zip(texts, decoded.seq_conf, decoded.char_conf)]
+        return read_images(module, images).solutions
 
-    return tuple(module.hparams.input_size), module.channels, solve
+    return module.spec.input_size, module.spec.channels, solve
 
 
 def _onnx_model(path: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
     from captcha_lit.deploy.runtime import Solver
 
     solver = Solver(path)
-    return solver.info.input_size, solver.info.channels, solver.solve_arrays
+    return solver.spec.input_size, solver.spec.channels, solver.solve_arrays
 
 
 def predict_files(files: Sequence[Path], input_size: tuple[int, int], channels: int,

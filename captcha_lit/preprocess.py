@@ -102,18 +102,6 @@ def open_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
     return _to_rgb(image)
 
 
-def check_channels(mean, std) -> int:
-    """The number of input channels that a normalization implies: 3 (RGB) or 1 (grayscale).
-
-    ``mean`` and ``std`` hold one value per channel, so they are the one place where a model
-    says whether it reads color: every path (training data, eval, predict, export, serve)
-    derives the channel count from them."""
-    if len(mean) != len(std) or len(mean) not in (1, 3):
-        raise ValueError(f"data.mean={list(mean)} and data.std={list(std)} need one value per input channel, both 3 "
-                         "(RGB) or both 1 (grayscale)")
-    return len(mean)
-
-
 def resize_to_input(image: Image.Image, input_size: tuple[int, int], channels: int = 3) -> np.ndarray:
     """RGB image -> (H, W, channels) uint8 array at the model's ``input_size`` = (height, width).
 

@@ -156,3 +156,20 @@ def exported_models(tiny_checkpoints, tmp_path_factory) -> dict[str, dict]:
         exported[arch] = {"run_dir": out, "onnx": out / "model.onnx", "report": report}
     GlobalHydra.instance().clear()
     return exported
+
+
+@pytest.fixture
+def make_module() -> Callable[..., object]:
+    """A CaptchaModule from spec fields and module options, with the defaults of a small test model."""
+    from captcha_lit.models import model_decoder
+    from captcha_lit.spec import ModelSpec
+    from captcha_lit.training.module import CaptchaModule
+
+    def build(arch: str = "crnn", *, charset: str = "0-9A-Z", min_length: int = 5, max_length: int = 5,
+              input_size=(32, 96), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), beam_width: int = 1, **options):
+        spec = ModelSpec(charset=charset, min_length=min_length, max_length=max_length, input_size=tuple(input_size),
+                         mean=tuple(mean), std=tuple(std), decoder=model_decoder(arch), arch=arch,
+                         beam_width=beam_width)
+        return CaptchaModule(spec=spec, **options)
+
+    return build

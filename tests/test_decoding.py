@@ -101,16 +101,16 @@ def test_beam_width_must_be_positive():
         decode_ctc_beam(_peaked([[0]]), blank=BLANK, beam_width=0)
 
 
-def test_module_decodes_with_its_beam_width():
+def test_module_decodes_with_its_beam_width(make_module):
     logits = torch.tensor([[[0.4, 1e-6, 1e-6, 0.6], [0.4, 1e-6, 1e-6, 0.6]]]).log()
-    greedy = CaptchaModule(arch="crnn", charset="abc", model_kwargs={"dim": 32})
-    beam = CaptchaModule(arch="crnn", charset="abc", model_kwargs={"dim": 32}, beam_width=4)
-    assert greedy.decode(logits).indices == [[]]
-    assert beam.decode(logits).indices == [[0]]
-    assert beam.decode(logits, beam_width=1).indices == [[]]  # a per-call override
-    assert beam.hparams.beam_width == 4
+    greedy = make_module("crnn", charset="abc", model_kwargs={"dim": 32})
+    beam = make_module("crnn", charset="abc", model_kwargs={"dim": 32}, beam_width=4)
+    assert greedy.read(logits)[1].indices == [[]]
+    assert beam.read(logits)[1].indices == [[0]]
+    assert beam.read(logits, beam_width=1)[1].indices == [[]]  # a per-call override
+    assert beam.hparams.spec["beam_width"] == 4
 
 
-def test_beam_width_is_refused_for_positional_models():
+def test_beam_width_is_refused_for_positional_models(make_module):
     with pytest.raises(ValueError, match="beam_width=4 applies to CTC models"):
-        CaptchaModule(arch="cnn", charset="abc", beam_width=4)
+        make_module("cnn", charset="abc", beam_width=4)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from captcha_lit import __version__
 from captcha_lit.training.builders import load_module
+from captcha_lit.training.inference import read_images
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional
 from captcha_lit.deploy.export import ParityError, export, export_onnx
@@ -42,12 +43,9 @@ def captcha_pngs(count: int, min_length: int = 4) -> list[tuple[str, bytes]]:
 def torch_predictions(ckpt: Path, sources: list) -> tuple[list[str], list[float]]:
     """What the checkpoint's own CaptchaModule predicts for these images."""
     module, _ = load_module(ckpt)
-    size = tuple(module.hparams.input_size)
-    batch = torch.from_numpy(np.stack([load_input(s, size, channels=module.channels) for s in sources]))
-    batch = batch.permute(0, 3, 1, 2)
-    with torch.inference_mode():
-        texts, decoded = module.predict_texts(module.preprocess(batch))
-    return texts, decoded.seq_conf
+    size = module.spec.input_size
+    reading = read_images(module, np.stack([load_input(s, size, channels=module.spec.channels) for s in sources]))
+    return reading.texts, [s.confidence for s in reading.solutions]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +143,7 @@ def test_export_writes_onnx_with_metadata_and_parity(exported_models, tiny_check
     module, _ = load_module(tiny_checkpoints[arch])
     assert meta["charset"] == module.charset.chars
     assert json.loads(meta["input_size"]) == [32, 96]
-    assert json.loads(meta["mean"]) == module.hparams.mean and json.loads(meta["std"]) == module.hparams.std
+    assert tuple(json.loads(meta["mean"])) == module.spec.mean and tuple(json.loads(meta["std"])) == module.spec.std
     assert meta["decoder"] == {"cnn": "positional", "crnn": "ctc"}[arch]
     assert (meta["min_length"], meta["max_length"]) == ({"cnn": "4", "crnn": "5"}[arch], "5")
     assert meta["end_class"] == {"cnn": str(len(module.charset)), "crnn": ""}[arch]
@@ -174,15 +172,13 @@ def test_export_parity_failure_is_loud(tiny_checkpoints, tmp_path, monkeypatch):
     assert report["passed"] is False and report["text_mismatches"] > 0
 
 
-def test_export_refuses_unsafe_and_unknown_format(make_cfg, tmp_path, tiny_checkpoints, image_dir):
+def test_export_and_predict_refuse_unsafe_checkpoints(make_cfg, tmp_path, tiny_checkpoints, image_dir):
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"hyper_parameters": {"x": _NotPlain()}, "state_dict": {}}, unsafe)
     with pytest.raises(ValueError, match="needs unsafe unpickling"):
         export(make_cfg("export", [f"ckpt_path={unsafe}"]))
     with pytest.raises(ValueError, match="needs unsafe unpickling"):
         predict(make_cfg("predict", [f"ckpt_path={unsafe}", f"inputs={image_dir}"]))
-    with pytest.raises(ValueError, match="format='torchscript' is not supported"):
-        export(make_cfg("export", [f"ckpt_path={tiny_checkpoints['cnn']}", "format=torchscript"]))
 
 
 class _NotPlain:

@@ -60,8 +60,8 @@ def test_folder_fit_reports_bad_files(folder_run):
 def test_folder_checkpoint_records_charset_and_source(folder_run):
     _, metrics, _, images = folder_run
     state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
-    assert state["hyper_parameters"]["charset"] == CHARSET
-    assert state["hyper_parameters"]["input_size"] == [32, 128]
+    assert state["hyper_parameters"]["spec"]["charset"] == CHARSET
+    assert state["hyper_parameters"]["spec"]["input_size"] == [32, 128]
     data = state["datamodule_hyper_parameters"]
     assert data["source"] == "folder"
     assert data["path"] == str(images.resolve())

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from captcha_lit.training.inference import read_images
 from PIL import Image
 
 from captcha_lit.training.builders import build_module, init_from_checkpoint, load_module
@@ -82,7 +84,7 @@ def gray_run(tmp_path_factory, cache_dir):
 def test_grayscale_checkpoint_reads_one_channel_everywhere(gray_run, make_cfg, tmp_path):
     ckpt = Path(gray_run["best_ckpt"])
     module, state = load_module(ckpt)
-    assert module.channels == 1 and module.hparams.mean == [0.5] and module.hparams.std == [0.5]
+    assert module.spec.channels == 1 and module.spec.mean == (0.5,) and module.spec.std == (0.5,)
     first_conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 1
     assert state["datamodule_hyper_parameters"]["grayscale"] is True
@@ -97,7 +99,7 @@ def test_grayscale_checkpoint_reads_one_channel_everywhere(gray_run, make_cfg, t
     assert report["passed"] is True and report["text_agreement"] == 1.0
     onnx_path = tmp_path / "export" / "model.onnx"
     solver = Solver(onnx_path)
-    assert solver.info.channels == 1
+    assert solver.spec.channels == 1
     assert solver._session.get_inputs()[0].shape[1] == 1
 
     generator = CaptchaGenerator(GeneratorSpec(input_size=(60, 160)))
@@ -107,9 +109,7 @@ def test_grayscale_checkpoint_reads_one_channel_everywhere(gray_run, make_cfg, t
         path = tmp_path / f"captcha{i}.png"
         Image.fromarray(array).save(path)  # RGB files, as a user has them
         files.append(path)
-    batch = torch.from_numpy(np.stack([load_input(f, (32, 96), channels=1) for f in files])).permute(0, 3, 1, 2)
-    with torch.inference_mode():
-        expected, _ = module.predict_texts(module.preprocess(batch))
+    expected = read_images(module, np.stack([load_input(f, (32, 96), channels=1) for f in files])).texts
     assert [s.text for s in solver.solve_batch(files)] == expected
     buffer = io.BytesIO()
     Image.open(files[0]).convert("L").save(buffer, format="PNG")  # an already-gray file gives the same input

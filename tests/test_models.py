@@ -1,10 +1,12 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional
 from captcha_lit.models import get_model, list_models, model_decoder
+from captcha_lit.spec import ModelSpec
 from captcha_lit.training.module import CaptchaModule
 
 NUM_CLASSES, MAX_LEN, INPUT = 36, 5, (32, 96)
@@ -401,9 +403,13 @@ def test_unknown_model_option_is_named():
 
 
 def _module(**kwargs) -> CaptchaModule:
-    base = dict(arch="cnn", model_kwargs={"channels": [8, 16, 16, 16], "hidden": 32}, charset="0-9", input_size=INPUT,
-                channels_last=False)
-    return CaptchaModule(**{**base, **kwargs})
+    spec_keys = ("arch", "charset", "min_length", "max_length", "input_size", "mean", "std", "beam_width")
+    spec = {"arch": "cnn", "charset": "0-9", "min_length": 5, "max_length": 5, "input_size": tuple(INPUT),
+            "mean": (0.5,) * 3, "std": (0.5,) * 3, **{k: v for k, v in kwargs.items() if k in spec_keys}}
+    spec["decoder"] = model_decoder(spec["arch"])
+    options = {"model_kwargs": {"channels": [8, 16, 16, 16], "hidden": 32}, "channels_last": False,
+               **{k: v for k, v in kwargs.items() if k not in spec_keys}}
+    return CaptchaModule(spec=ModelSpec(**spec), **options)
 
 
 def test_module_logits_and_predictions():
@@ -411,10 +417,11 @@ def test_module_logits_and_predictions():
     images = torch.randn(3, 3, *INPUT)
     with torch.no_grad():
         logits = module(images)
-        texts, decoded = module.predict_texts(images)
+        solutions, _ = module.read(logits)
     assert logits.shape == (3, 5, 10)
-    assert len(texts) == 3 and all(len(t) == 5 and t.isdigit() for t in texts)
-    assert all(0.0 <= c <= 1.0 for c in decoded.seq_conf)
+    assert len(solutions) == 3 and all(len(s.text) == 5 and s.text.isdigit() for s in solutions)
+    for solution in solutions:  # the whole text's confidence is the product of its characters'
+        assert solution.confidence == pytest.approx(float(np.prod(solution.char_confidences)), rel=1e-5)
 
 
 def test_module_variable_length_positional_adds_end_class():
@@ -422,7 +429,7 @@ def test_module_variable_length_positional_adds_end_class():
     with torch.no_grad():
         logits = module(torch.randn(2, 3, *INPUT))
     assert logits.shape == (2, 6, 11)  # 10 digits + end symbol
-    assert module.end_class == 10
+    assert module.spec.end_class == 10
 
 
 def test_module_ctc_loss_is_finite():
@@ -513,8 +520,8 @@ def test_module_rejects_bad_lengths():
 def test_module_hparams_are_plain_values():
     module = _module(model_kwargs={"channels": (8, 16, 16, 16), "hidden": 32})
     hp = dict(module.hparams)
-    assert hp["arch"] == "cnn" and hp["charset"] == "0123456789"
-    assert hp["input_size"] == [32, 96]
+    assert hp["spec"]["arch"] == "cnn" and hp["spec"]["charset"] == "0123456789"
+    assert hp["spec"]["input_size"] == [32, 96]
     # the module can be rebuilt from its own hyperparameters
     CaptchaModule(**hp)
 

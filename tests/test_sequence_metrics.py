@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from captcha_lit.training.builders import build_datamodule
-from captcha_lit.decoding import Decoded
+from captcha_lit.decoding import Decoded, Solution
+from captcha_lit.spec import ModelSpec
 from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
 
@@ -18,11 +19,14 @@ SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]
 
 def _score(predictions: list[str], truths: list[str]) -> dict:
     """Run one test step whose decoder returns ``predictions`` -> the test metrics."""
-    module = CaptchaModule(arch="crnn", charset="abcd", min_length=1, max_length=4, input_size=(32, 96),
+    module = CaptchaModule(spec=ModelSpec(charset="abcd", min_length=1, max_length=4, input_size=(32, 96),
+                                          mean=(0.5,) * 3, std=(0.5,) * 3, decoder="ctc", arch="crnn"),
                            model_kwargs={"dim": 32})
     charset = module.charset
-    module.decode = lambda logits, beam_width=None: Decoded([charset.encode(p) for p in predictions],
-                                                            [[1.0] * len(p) for p in predictions], [1.0] * len(predictions))
+    decoded = Decoded([charset.encode(p) for p in predictions], [[1.0] * len(p) for p in predictions],
+                      [1.0] * len(predictions))
+    solutions = [Solution(p, 1.0, [1.0] * len(p)) for p in predictions]
+    module.read = lambda logits, beam_width=None: (solutions, decoded)
     targets = torch.tensor(charset.encode_batch(truths, 4))
     batch = {"image": torch.zeros(len(truths), 3, 32, 96), "target": targets,
              "length": torch.tensor([len(t) for t in truths])}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from captcha_lit.eval import evaluate
+from captcha_lit.training.inference import read_images
 from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
 from conftest import PYTHON, REPO_ROOT, cli_env
@@ -100,15 +101,13 @@ def test_checkpoint_loads_safely(trained_run, which):
     _, metrics, out, _ = trained_run
     path = metrics["best_ckpt"] if which == "best" else out / "checkpoints" / "last.ckpt"
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert state["hyper_parameters"]["arch"] == "crnn"
-    assert state["hyper_parameters"]["input_size"] == [32, 96]
+    assert state["hyper_parameters"]["spec"]["arch"] == "crnn"
+    assert state["hyper_parameters"]["spec"]["input_size"] == [32, 96]
     assert state["datamodule_hyper_parameters"]["num_test"] == 32
 
     module = CaptchaModule.load_from_checkpoint(path, map_location="cpu")
-    assert module.decoder == "ctc"
-    module.eval()
-    with torch.no_grad():
-        texts, _ = module.predict_texts(torch.zeros(2, module.channels, 32, 96))
+    assert module.spec.decoder == "ctc"
+    texts = read_images(module, torch.zeros(2, module.spec.channels, 32, 96, dtype=torch.uint8)).texts
     assert len(texts) == 2
 
 

@@ -123,9 +123,8 @@ def test_tsne_on_a_tiny_set():
         analysis.tsne_2d(features[:3])
 
 
-def test_normalization_is_undone_for_display():
-    module = CaptchaModule(arch="crnn", charset="0-9", input_size=(32, 96), mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1),
-                           model_kwargs={"dim": 32})
+def test_normalization_is_undone_for_display(make_module):
+    module = make_module("crnn", charset="0-9", mean=(0.2, 0.4, 0.6), std=(0.3, 0.2, 0.1), model_kwargs={"dim": 32})
     images = torch.randint(0, 256, (2, 3, 32, 96), dtype=torch.uint8)
     assert torch.equal(module.preprocess.to_uint8(module.preprocess(images)), images)
 
@@ -147,10 +146,10 @@ def test_prediction_gallery_frames_wrong_red_and_right_green(tmp_path):
     assert _tile_border_colors(pixels, 4, 2) == [plots.GREEN, plots.RED, plots.RED, plots.GREEN]
 
 
-def test_prediction_gallery_callback_keeps_wrong_ones_first(tmp_path):
+def test_prediction_gallery_callback_keeps_wrong_ones_first(tmp_path, make_module):
     """Two validation batches through the callback's hooks: at most num_images of each kind are kept,
     and the picture starts with the wrong predictions."""
-    module = CaptchaModule(arch="crnn", charset="0-9A-Z", input_size=(32, 96), model_kwargs={"dim": 32})
+    module = make_module("crnn", model_kwargs={"dim": 32})
     gallery = PredictionGallery(num_images=4, columns=4, dirpath=str(tmp_path))
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, loggers=[], current_epoch=0, global_step=5)
     gallery.on_validation_epoch_start(trainer, module)

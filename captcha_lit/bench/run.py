@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from captcha_lit.decoding import read_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,7 +130,7 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
     batch = int(cfg.data.batch_size)
     targets = torch.randint(0, len(module.charset), (batch, int(cfg.data.max_length)))
     lengths = torch.full((batch,), int(cfg.data.max_length))
-    images = torch.randint(0, 256, (batch, module.channels, height, width), dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, module.spec.channels, height, width), dtype=torch.uint8)
     # The run's own optimizer (the config's, Adam at 1e-3 by default, fused where torch has the kernel).
     opt_cfg = dict(module.hparams.optimizer)
     optimizer = make_optimizer(opt_cfg.pop("name"), module.parameters(), opt_cfg)
@@ -155,12 +156,12 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
                 optimizer.step()
             rates[key].append(steps * batch / (time.perf_counter() - t))
         module.eval()
-        big = module.preprocess(torch.randint(0, 256, (256, module.channels, height, width), dtype=torch.uint8))
+        big = module.preprocess(torch.randint(0, 256, (256, module.spec.channels, height, width), dtype=torch.uint8))
         with torch.inference_mode():
             module(big)
             t = time.perf_counter()
             for _ in range(3):
-                module.decode(module(big))
+                read_logits(module.spec, module(big))
             infer_rates.append(3 * 256 / (time.perf_counter() - t))
     return {**{key: round(_median(values), 1) for key, values in rates.items()}, "precision": precision,
             "infer_img_s_b256": round(_median(infer_rates), 1),
@@ -344,7 +345,7 @@ def bench_onnx(repeats: int, http_seconds: float, http_clients: int = 16, latenc
         model_path = work_dir / "model.onnx"
         export_onnx(module, {"hyper_parameters": dict(module.hparams)}, model_path, parity_images=16)
         solver = Solver(model_path, batch_size=256)
-        images = np.random.default_rng(0).integers(0, 256, (256, height, width, module.channels), dtype=np.uint8)
+        images = np.random.default_rng(0).integers(0, 256, (256, height, width, module.spec.channels), dtype=np.uint8)
         batch = module.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2))
         onnx_rates, torch_rates, p50s, p99s = [], [], [], []
         pngs = [_captcha_png(i) for i in range(16)]
@@ -355,10 +356,10 @@ def bench_onnx(repeats: int, http_seconds: float, http_clients: int = 16, latenc
                 solver.solve_arrays(images)
             onnx_rates.append(3 * 256 / (time.perf_counter() - t))
             with torch.inference_mode():
-                module.decode(module(batch))
+                read_logits(module.spec, module(batch))
                 t = time.perf_counter()
                 for _ in range(3):
-                    module.decode(module(batch))
+                    read_logits(module.spec, module(batch))
                 torch_rates.append(3 * 256 / (time.perf_counter() - t))
             for png in pngs:
                 solver.solve(png)

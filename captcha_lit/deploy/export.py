@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 
 from captcha_lit import __version__
 from captcha_lit.training.builders import checkpoint_data_config, load_module
-from captcha_lit.deploy.runtime import ModelInfo, Solver
+from captcha_lit.deploy.runtime import Solver
+from captcha_lit.training.inference import read_images
 from captcha_lit.utils import output_dir, write_json
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx",)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
@@ -35,20 +35,12 @@ class ParityError(ValueError):
     """The exported model does not reproduce PyTorch's predictions."""
 
 
-def model_info(module) -> ModelInfo:
-    hp = module.hparams
-    return ModelInfo(charset=module.charset.chars, input_size=tuple(hp.input_size), mean=tuple(hp.mean),
-                     std=tuple(hp.std), decoder=module.decoder, min_length=int(hp.min_length),
-                     max_length=int(hp.max_length), end_class=module.end_class, arch=hp.arch, version=__version__,
-                     beam_width=int(hp.get("beam_width", 1)))
-
-
 def _to_onnx(module, path: Path, opset: int) -> None:
     import onnx
 
-    height, width = module.hparams.input_size
+    height, width = module.spec.input_size
     # Batch 2, not 1, so that no batch-sized dimension is mistaken for a constant.
-    sample = torch.zeros(2, module.channels, int(height), int(width))
+    sample = torch.zeros(2, module.spec.channels, int(height), int(width))
     with warnings.catch_warnings():
         # The TorchScript exporter warns about itself, about assertions inside torch.nn (RNN
         # and attention input checks) and about GRU batch sizes; the parity check below
@@ -60,11 +52,11 @@ def _to_onnx(module, path: Path, opset: int) -> None:
         )
     model = onnx.load(str(path))
     del model.metadata_props[:]
-    for key, value in model_info(module).to_metadata().items():
+    for key, value in module.spec.replace(version=__version__).to_metadata().items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.producer_name, model.producer_version = "captcha_lit", __version__
-    model.doc_string = (f"captcha_lit {module.hparams.arch} CAPTCHA solver; decode with captcha_lit.deploy.runtime.Solver "
+    model.doc_string = (f"captcha_lit {module.spec.arch} CAPTCHA solver; decode with captcha_lit.deploy.runtime.Solver "
                         "or read the metadata_props")
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -104,7 +96,7 @@ def _parity_images(state: dict, count: int | None, seed: int | str, split: str =
     spec = GeneratorSpec(
         charset=data["charset"], min_length=int(data["min_length"]), max_length=int(data["max_length"]),
         width=int(data.get("width", 160)), height=int(data.get("height", 60)),
-        input_size=tuple(int(v) for v in data["input_size"]), channels=len(data["mean"]),
+        input_size=tuple(int(v) for v in data["input_size"]), channels=1 if data["grayscale"] else 3,
         fonts=tuple(fonts) if fonts else None,
         font_sizes=tuple(int(s) for s in data["font_sizes"]) if data.get("font_sizes") else None,
     )
@@ -115,18 +107,10 @@ def check_parity(module, state: dict, solver: Solver, *, num_images: int | None,
                  split: str = "generated", batch_size: int = 32) -> dict:
     """Compare PyTorch and the ONNX runtime on the same images (see ``_parity_images``)."""
     labels, images = _parity_images(state, num_images, seed, split)
-    torch_texts, torch_conf, torch_logits = [], [], []
     module = module.to("cpu").eval()
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
-            logits = module(module.preprocess(chunk))
-            # The runtime decodes greedily, so that is what it is compared with.
-            decoded = module.decode(logits, beam_width=1)
-            torch_texts += [module.charset.decode(row) for row in decoded.indices]
-            torch_conf += decoded.seq_conf
-            torch_logits.append(logits.float().numpy())
-    reference = np.concatenate(torch_logits)
+    # The runtime decodes greedily, so that is what it is compared with.
+    reference = read_images(module, images, beam_width=1, batch_size=batch_size, keep_logits=True)
+    torch_texts, torch_conf = reference.texts, [s.confidence for s in reference.solutions]
     # The runtime runs in its own batches (solver.batch_size), so the dynamic batch axis is exercised too.
     onnx_logits = np.concatenate([solver.logits(images[s:s + solver.batch_size])
                                   for s in range(0, len(images), solver.batch_size)])
@@ -137,7 +121,7 @@ def check_parity(module, state: dict, solver: Solver, *, num_images: int | None,
     return {
         "num_images": len(images),
         "split": split,
-        "max_abs_logit_diff": float(np.abs(onnx_logits - reference).max()),
+        "max_abs_logit_diff": float(np.abs(onnx_logits - reference.logits).max()),
         "max_confidence_diff": float(max(abs(a - s.confidence) for a, s in zip(torch_conf, solutions))),
         "text_agreement": 1.0 - len(mismatched) / len(images),
         "text_mismatches": len(mismatched),
@@ -163,9 +147,9 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
         raise ValueError(f"parity.split={parity_split!r}: use one of {', '.join(PARITY_SPLITS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.to("cpu").eval()
-    if module.decoder == "ctc" and int(module.hparams.get("beam_width", 1)) > 1:
+    if module.spec.beam_width > 1:
         log.warning("the checkpoint decodes with CTC beam search (beam_width=%s); captcha_lit.deploy.runtime decodes the "
-                    "exported model greedily", module.hparams.beam_width)
+                    "exported model greedily", module.spec.beam_width)
     _to_onnx(module, path, opset)
     solver = Solver(path)
     report = {
@@ -173,7 +157,7 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
         "model_id": solver.model_id, "opset": int(opset),
         **check_parity(module, state, solver, num_images=parity_images, seed=parity_seed, split=parity_split),
         "max_mismatch_rate": float(max_mismatch_rate), "max_logit_diff_allowed": float(max_logit_diff),
-        "metadata": model_info(module).to_metadata(),
+        "metadata": solver.spec.to_metadata(),
     }
     problems = []
     if report["text_mismatches"] > max_mismatch_rate * report["num_images"]:
@@ -198,9 +182,6 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
 
 
 def export(cfg: DictConfig) -> dict:
-    fmt = str(cfg.get("format", "onnx"))
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r} is not supported; use format=onnx")
     module, state = load_module(cfg.ckpt_path)
     path = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else Path(output_dir(cfg)) / "model.onnx"
     parity = cfg.get("parity") or {}
@@ -212,7 +193,7 @@ def export(cfg: DictConfig) -> dict:
         max_logit_diff=float(parity.get("max_logit_diff", 1e-3)), ckpt_path=str(cfg.ckpt_path),
     )
     print("\n".join([
-        "", f"exported {module.hparams.arch} ({module.decoder} decoder) to {report['model']}",
+        "", f"exported {module.spec.arch} ({module.spec.decoder} decoder) to {report['model']}",
         f"  parity on {report['num_images']} {'test' if report['split'] == 'test' else 'generated'} images: texts agree {report['text_agreement']:.1%}, "
         f"largest logit difference {report['max_abs_logit_diff']:.2e}",
         f"  seq acc on them: torch {report['torch_seq_acc']:.3f}, onnx {report['onnx_seq_acc']:.3f}",

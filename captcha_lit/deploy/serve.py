@@ -293,8 +293,8 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         batcher.close()
 
     app = FastAPI(title="captcha_lit", version=__version__, lifespan=lifespan,
-                  description=f"Solves text CAPTCHAs with model {solver.model_id} ({solver.info.arch}, "
-                              f"{solver.info.decoder} decoder).")
+                  description=f"Solves text CAPTCHAs with model {solver.model_id} ({solver.spec.arch}, "
+                              f"{solver.spec.decoder} decoder).")
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"required when {API_KEY_ENV} is set")
 
@@ -331,10 +331,10 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
 
     @app.get("/v1/model", tags=["service"], dependencies=guard, responses={401: _ERRORS[401]})
     async def model() -> dict:
-        info = solver.info
-        return {"model_id": solver.model_id, "arch": info.arch, "decoder": info.decoder, "charset": info.charset,
-                "min_length": info.min_length, "max_length": info.max_length, "input_size": list(info.input_size),
-                "mean": list(info.mean), "std": list(info.std), "exported_with": info.version,
+        spec = solver.spec
+        return {"model_id": solver.model_id, "arch": spec.arch, "decoder": spec.decoder, "charset": spec.charset,
+                "min_length": spec.min_length, "max_length": spec.max_length, "input_size": list(spec.input_size),
+                "mean": list(spec.mean), "std": list(spec.std), "exported_with": spec.version,
                 "version": __version__, "max_body_bytes": max_body_bytes, "max_batch": max_batch,
                 "max_image_pixels": solver.max_pixels}
 
@@ -516,7 +516,7 @@ def serve(cfg: DictConfig) -> None:
     with tempfile.TemporaryDirectory(prefix="captcha_lit_serve_") as tmp:
         spec["onnx"] = str(onnx_model(str(cfg.model_path), tmp, parity_images=int(cfg.get("parity_images", 32))))
         solver = Solver(spec["onnx"], threads=threads, max_pixels=spec["max_pixels"], spinning=spec["spinning"])
-        print(f"serving {solver.model_id} ({solver.info.arch}, {solver.info.decoder}) on "
+        print(f"serving {solver.model_id} ({solver.spec.arch}, {solver.spec.decoder}) on "
               f"http://{cfg.host}:{cfg.port} with {workers} worker process(es)  docs: /docs  "
               f"API key: {'required' if api_key else 'off'}", flush=True)
         if workers == 1:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from captcha_lit import __version__
+from captcha_lit.spec import DATA_KEYS, ModelSpec
+
 log = logging.getLogger(__name__)
 
-# Keys of the data config that belong to the datamodule, not to the preprocessing contract.
-_PREPROCESSING_KEYS = ("charset", "min_length", "max_length", "input_size", "mean", "std")
 
 
 def _datasets_path(name: str = "") -> str:
@@ -138,6 +140,26 @@ def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dic
     raise ValueError(f"data.source={source!r} is not supported; use 'synthetic' or 'folder'")
 
 
+def spec_from_config(arch: str, data: dict, beam_width: int = 1) -> ModelSpec:
+    """The ModelSpec of model ``arch`` trained on data config ``data``; errors name the data key."""
+    from captcha_lit.models import model_decoder
+
+    for key in ("charset", "min_length", "max_length"):
+        if data.get(key) is None:
+            raise ValueError(f"data.{key} is not set, and the data source {data.get('source')!r} does not infer it")
+    if isinstance(beam_width, bool) or not isinstance(beam_width, int):
+        raise ValueError(f"model.beam_width={beam_width!r} must be a whole number >= 1 (1: greedy decoding)")
+    mean, std = normalization(data)
+    try:
+        return ModelSpec(charset=data["charset"], min_length=data["min_length"], max_length=data["max_length"],
+                         input_size=tuple(data["input_size"]), mean=tuple(mean), std=tuple(std),
+                         decoder=model_decoder(arch), arch=arch, beam_width=beam_width, version=__version__)
+    except ValueError as exc:
+        # The spec names its field (min_length=0); users set it as data.min_length or model.beam_width.
+        message = re.sub(r"\b(" + "|".join(DATA_KEYS) + r")=", r"data.\1=", str(exc))
+        raise ValueError(message.replace("beam_width=", "model.beam_width=")) from None
+
+
 def build_module(cfg: DictConfig, datamodule=None):
     """The CaptchaModule for ``cfg``. With a ``datamodule``, its ``label_spec()`` (e.g. the charset
     a folder dataset inferred from its labels) takes the place of data.charset and the lengths."""
@@ -150,15 +172,9 @@ def build_module(cfg: DictConfig, datamodule=None):
     data = dict(to_plain(cfg.data))
     if datamodule is not None and hasattr(datamodule, "label_spec"):
         data.update(datamodule.label_spec())
-    for key in ("charset", "min_length", "max_length"):
-        if data.get(key) is None:
-            raise ValueError(f"data.{key} is not set, and the data source {data.get('source')!r} does not infer it")
-    mean, std = normalization(data)
     return CaptchaModule(
-        arch=arch, model_kwargs=model, charset=data["charset"], min_length=data["min_length"],
-        max_length=data["max_length"], input_size=data["input_size"], mean=mean, std=std,
-        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
-        augmentation=to_plain(cfg.get("augmentation")) or {}, beam_width=beam_width,
+        spec=spec_from_config(arch, data, beam_width), model_kwargs=model, optimizer=to_plain(cfg.optimizer),
+        scheduler=to_plain(cfg.scheduler), augmentation=to_plain(cfg.get("augmentation")) or {},
         label_smoothing=label_smoothing,
     )
 
@@ -170,21 +186,16 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
     are mapped by character: shared characters (and CTC's blank, or the end symbol) keep
     their trained rows, new characters keep their fresh initialization. Returns a summary.
     """
-    from captcha_lit.training.module import output_classes
-    from captcha_lit.models import model_decoder
-
     state = load_checkpoint_dict(path)
-    if "hyper_parameters" not in state or "state_dict" not in state:
-        raise ValueError(f"init_from={str(path)!r} is not a captcha_lit checkpoint (no hyper_parameters/state_dict)")
-    hp, ours = state["hyper_parameters"], module.hparams
-    if hp["arch"] != ours["arch"]:
+    theirs, hp = checkpoint_spec(state, f"init_from={str(path)!r}"), state["hyper_parameters"]
+    ours = module.spec
+    if theirs.arch != ours.arch:
         raise ValueError(
-            f"init_from={str(path)!r} holds a {hp['arch']!r} model, but this run builds {ours['arch']!r}; "
-            f"pass model={hp['arch']} or a checkpoint of a {ours['arch']!r} model"
+            f"init_from={str(path)!r} holds a {theirs.arch!r} model, but this run builds {ours.arch!r}; "
+            f"pass model={theirs.arch} or a checkpoint of a {ours.arch!r} model"
         )
-    old_classes = output_classes(hp["charset"], model_decoder(hp["arch"]), hp["min_length"] != hp["max_length"])
-    old_index = {name: i for i, name in enumerate(old_classes)}
-    new_classes = module.output_classes
+    old_index = {name: i for i, name in enumerate(theirs.output_classes)}
+    new_classes = ours.output_classes
     class_dims = module.net.output_class_dims()
     source = {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
     target = module.net.state_dict()
@@ -210,17 +221,17 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
                 mapped.select(dim, j).copy_(old.select(dim, old_index[name]))
         loaded[key] = mapped
     if mismatched:
-        differing = [f"model.{k}={hp['model_kwargs'].get(k)!r} there, {ours['model_kwargs'].get(k)!r} here"
-                     for k in sorted(set(hp["model_kwargs"]) | set(ours["model_kwargs"]))
-                     if hp["model_kwargs"].get(k) != ours["model_kwargs"].get(k)]
+        their_kwargs, our_kwargs = hp.get("model_kwargs") or {}, module.hparams.model_kwargs
+        differing = [f"model.{k}={their_kwargs.get(k)!r} there, {our_kwargs.get(k)!r} here"
+                     for k in sorted(set(their_kwargs) | set(our_kwargs)) if their_kwargs.get(k) != our_kwargs.get(k)]
         for key in ("input_size", "max_length"):
-            if hp[key] != ours[key]:
-                differing.append(f"data.{key}={hp[key]} there, {ours[key]} here")
-        if len(hp["mean"]) != len(ours["mean"]):
-            differing.append(f"data.grayscale={str(len(hp['mean']) == 1).lower()} there, "
-                             f"{str(len(ours['mean']) == 1).lower()} here")
+            if getattr(theirs, key) != getattr(ours, key):
+                differing.append(f"data.{key}={list(getattr(theirs, key)) if key == 'input_size' else theirs.max_length} "
+                                 f"there, {list(getattr(ours, key)) if key == 'input_size' else ours.max_length} here")
+        if theirs.grayscale != ours.grayscale:
+            differing.append(f"data.grayscale={str(theirs.grayscale).lower()} there, {str(ours.grayscale).lower()} here")
         raise ValueError(
-            f"init_from={str(path)!r}: the checkpoint's {hp['arch']!r} network does not match this run's: "
+            f"init_from={str(path)!r}: the checkpoint's {theirs.arch!r} network does not match this run's: "
             + "; ".join(mismatched[:3]) + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "")
             + (". Settings that differ: " + "; ".join(differing) if differing else "")
             + ". Use the checkpoint's model and input settings to fine-tune it"
@@ -268,24 +279,51 @@ def load_checkpoint_dict(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint {str(ckpt)!r} is corrupt or not a PyTorch checkpoint ({type(exc).__name__})") from None
 
 
+def _legacy_spec(hp: dict) -> dict:
+    """The spec of a checkpoint written before specs existed (its fields sat in the hyperparameters)."""
+    from captcha_lit.models import model_decoder
+
+    return {"charset": hp["charset"], "min_length": hp["min_length"], "max_length": hp["max_length"],
+            "input_size": tuple(hp["input_size"]), "mean": tuple(hp["mean"]), "std": tuple(hp["std"]),
+            "decoder": model_decoder(hp["arch"]), "arch": hp["arch"], "beam_width": int(hp.get("beam_width", 1))}
+
+
+def module_hparams(state: dict, source: str) -> dict:
+    """A checkpoint's CaptchaModule arguments; checkpoints written before the spec are converted."""
+    if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
+        raise ValueError(f"{source} is not a captcha_lit checkpoint (no hyper_parameters/state_dict)")
+    hp = dict(state["hyper_parameters"])
+    if "spec" not in hp:
+        try:
+            spec = _legacy_spec(hp)
+        except KeyError as exc:
+            raise ValueError(f"{source} is not a captcha_lit checkpoint (its hyperparameters lack {exc})") from None
+        hp = {"spec": spec, **{k: hp[k] for k in ("model_kwargs", "optimizer", "scheduler", "augmentation",
+                                                 "channels_last", "label_smoothing") if k in hp}}
+    return hp
+
+
+def checkpoint_spec(state: dict, source: str = "checkpoint") -> ModelSpec:
+    return ModelSpec.from_dict(dict(module_hparams(state, source)["spec"]), source)
+
+
 def load_module(path: str | os.PathLike, map_location: str = "cpu"):
     """Rebuild a CaptchaModule from its checkpoint alone."""
     from captcha_lit.training.module import CaptchaModule
 
     state = load_checkpoint_dict(path)
-    if "hyper_parameters" not in state or "state_dict" not in state:
-        raise ValueError(f"checkpoint {str(path)!r} is not a captcha_lit checkpoint (no hyper_parameters/state_dict)")
-    module = CaptchaModule(**state["hyper_parameters"])
+    module = CaptchaModule(**module_hparams(state, f"checkpoint {str(path)!r}"))
     module.load_state_dict(state["state_dict"])
     module.eval()
     return module.to(map_location), state
 
 
 def checkpoint_data_config(state: dict) -> dict:
-    """The data config a checkpoint was trained with (datamodule hparams), plus its preprocessing."""
+    """The data config a checkpoint was trained with (datamodule hparams), with its spec's preprocessing."""
     data = dict(state.get("datamodule_hyper_parameters") or {})
-    hp = state["hyper_parameters"]
-    for key in _PREPROCESSING_KEYS:
-        data[key] = hp[key]
-    data["grayscale"] = len(hp["mean"]) == 1  # the model reads as many channels as it has mean values
+    spec = checkpoint_spec(state)
+    for key in DATA_KEYS:
+        value = getattr(spec, key)
+        data[key] = list(value) if isinstance(value, tuple) else value
+    data["grayscale"] = spec.grayscale
     return data

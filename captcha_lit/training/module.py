@@ -18,9 +18,9 @@ from torchmetrics.text import CharErrorRate
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
-from captcha_lit.decoding import Decoded, decode_ctc_beam, decode_ctc_greedy, decode_positional
+from captcha_lit.decoding import Decoded, Solution, read_logits
 from captcha_lit.models import get_model, model_decoder
-from captcha_lit.preprocess import check_channels
+from captcha_lit.spec import ModelSpec
 
 # The module, not the datamodule, turns uint8 batches into normalized floats on purpose
 # (checkpoints carry the normalization); Lightning warns about that choice on every fit.
@@ -61,15 +61,6 @@ def _stage_metrics(evaluation: bool) -> nn.ModuleDict:
     return nn.ModuleDict(metrics)
 
 
-def output_classes(charset: str, decoder: str, variable_length: bool) -> list[str]:
-    """What each output class of a network stands for: the characters, then CTC's blank or
-    the positional end symbol where the model has one."""
-    chars = list(Charset(charset).chars)
-    if decoder == "ctc":
-        return chars + ["<blank>"]
-    return chars + (["<end>"] if variable_length else [])
-
-
 class CaptchaModule(L.LightningModule):
     """A CAPTCHA solver. Every argument is a plain value, so checkpoints are self-contained:
     ``CaptchaModule.load_from_checkpoint(path)`` rebuilds the network, and the
@@ -79,72 +70,50 @@ class CaptchaModule(L.LightningModule):
     def __init__(
         self,
         *,
-        arch: str = "resnet",
+        spec: ModelSpec | dict,
         model_kwargs: dict | None = None,
-        charset: str = "0-9A-Z",
-        min_length: int = 5,
-        max_length: int = 5,
-        input_size: Sequence[int] = (48, 128),
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         augmentation: dict | None = None,
         channels_last: bool = True,
-        beam_width: int = 1,
         label_smoothing: float = 0.0,
     ):
         super().__init__()
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(dict(spec))
+        if model_decoder(spec.arch) != spec.decoder:
+            raise ValueError(f"spec decoder={spec.decoder!r} does not fit model {spec.arch!r}, which decodes "
+                             f"{model_decoder(spec.arch)!r}")
         optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
         scheduler = dict(scheduler or {"name": "none"})
         self.save_hyperparameters(
             {
-                "arch": arch, "model_kwargs": dict(model_kwargs or {}), "charset": Charset(charset).chars,
-                "min_length": int(min_length), "max_length": int(max_length),
-                "input_size": [int(v) for v in input_size], "mean": [float(v) for v in mean],
-                "std": [float(v) for v in std], "optimizer": optimizer, "scheduler": scheduler,
-                "augmentation": dict(augmentation or {}), "channels_last": bool(channels_last),
-                "beam_width": int(beam_width), "label_smoothing": float(label_smoothing),
+                "spec": spec.to_dict(), "model_kwargs": dict(model_kwargs or {}), "optimizer": optimizer,
+                "scheduler": scheduler, "augmentation": dict(augmentation or {}),
+                "channels_last": bool(channels_last), "label_smoothing": float(label_smoothing),
             }
         )
         _check_optim(optimizer, scheduler)
-        self.charset = Charset(charset)
-        if min_length < 1:
-            raise ValueError(f"data.min_length={min_length}: CAPTCHA length must be at least 1")
-        if max_length < min_length:
-            raise ValueError(f"data.max_length={max_length} is less than data.min_length={min_length}")
-        self.variable_length = min_length != max_length
-        num_classes = len(self.charset)
-        self.decoder = model_decoder(arch)
-        if not isinstance(beam_width, int) or beam_width < 1:
-            raise ValueError(f"beam_width={beam_width!r} must be a whole number >= 1 (1: greedy decoding)")
-        if beam_width > 1 and self.decoder != "ctc":
-            raise ValueError(
-                f"beam_width={beam_width} applies to CTC models such as 'crnn'; model {arch!r} reads one "
-                "character per position, so leave beam_width at 1"
-            )
-        self.beam_width = int(beam_width)
+        self.spec = spec
+        self.charset = Charset(spec.charset)
+        arch = spec.arch
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
                 or not 0 <= label_smoothing < 1:
             raise ValueError(f"model.label_smoothing={label_smoothing!r}: use a number in [0, 1), e.g. 0.1 (0: none)")
-        if label_smoothing and self.decoder == "ctc":
+        if label_smoothing and self.spec.decoder == "ctc":
             raise ValueError(
                 f"model.label_smoothing={label_smoothing} applies to per-position CrossEntropy; model {arch!r} "
                 "trains with CTC, so leave it at 0"
             )
         self.label_smoothing = float(label_smoothing)
-        # Positional models with variable length predict an end symbol after the text;
-        # CTC handles variable length natively.
-        self.end_class = num_classes if (self.decoder == "positional" and self.variable_length) else None
         if "in_channels" in (model_kwargs or {}):
             raise ValueError("model.in_channels is set by the data: data.grayscale=true reads 1 channel, false 3")
-        # One normalization value per input channel: 1 (grayscale) or 3 (RGB).
-        self.channels = check_channels(mean, std)
-        self.net = get_model(arch, num_classes=num_classes + (self.end_class is not None), max_length=max_length,
-                             input_size=tuple(input_size), in_channels=self.channels, **(model_kwargs or {}))
+        # The network's classes beyond the charset: CTC's blank is the network's own; the end symbol is not.
+        self.net = get_model(arch, num_classes=len(self.charset) + (spec.end_class is not None),
+                             max_length=spec.max_length, input_size=spec.input_size, in_channels=spec.channels,
+                             **(model_kwargs or {}))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.preprocess = EvalPreset(mean=mean, std=std)
+        self.preprocess = EvalPreset(mean=spec.mean, std=spec.std)
         augmentation = dict(augmentation or {})
         backend = augmentation.pop("backend", "batch")
         if backend not in AUGMENTATION_BACKENDS:
@@ -180,35 +149,21 @@ class CaptchaModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net.forward_features(images)
 
-    @property
-    def output_classes(self) -> list[str]:
-        return output_classes(self.charset.chars, self.decoder, self.variable_length)
-
-    def decode(self, logits: torch.Tensor, beam_width: int | None = None) -> Decoded:
-        """Logits -> indices and confidences; CTC models use prefix beam search when the
-        beam width (``beam_width`` or the module's own) is above 1, else greedy decoding."""
-        if self.decoder == "ctc":
-            width = self.beam_width if beam_width is None else int(beam_width)
-            if width > 1:
-                return decode_ctc_beam(logits, blank=self.charset.blank, beam_width=width)
-            return decode_ctc_greedy(logits, blank=self.charset.blank)
-        return decode_positional(logits, end_class=self.end_class)
-
-    def predict_texts(self, images: torch.Tensor) -> tuple[list[str], Decoded]:
-        decoded = self.decode(self(images))
-        return [self.charset.decode(row) for row in decoded.indices], decoded
+    def read(self, logits: torch.Tensor, beam_width: int | None = None) -> tuple[list[Solution], Decoded]:
+        """Logits -> texts and confidences (``captcha_lit.decoding.read_logits`` with this model's spec)."""
+        return read_logits(self.spec, logits, beam_width)
 
     # ---- training --------------------------------------------------------------------
     def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
                      label_smoothing: float = 0.0) -> torch.Tensor:
-        if self.decoder == "ctc":
+        if self.spec.decoder == "ctc":
             log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, C+1)
             input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
             flat_targets = targets[targets >= 0]
-            return F.ctc_loss(log_probs, flat_targets, input_lengths, lengths, blank=self.charset.blank,
+            return F.ctc_loss(log_probs, flat_targets, input_lengths, lengths, blank=self.spec.blank,
                               zero_infinity=True)
-        if self.end_class is not None:
-            targets = targets.masked_fill(targets < 0, self.end_class)
+        if self.spec.end_class is not None:
+            targets = targets.masked_fill(targets < 0, self.spec.end_class)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
                                label_smoothing=label_smoothing)
 
@@ -228,7 +183,7 @@ class CaptchaModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         with torch.no_grad():
             # Training metrics only follow progress: greedy decoding is enough and much cheaper.
-            decoded = self.decode(logits.detach(), beam_width=1 if stage == "train" else None)
+            solutions, decoded = self.read(logits.detach(), beam_width=1 if stage == "train" else None)
             match = _match(decoded.indices, targets)
         metrics["loss"].update(loss.detach(), weight=images.shape[0])
         metrics["seq_acc"].update(match.seq)
@@ -238,7 +193,7 @@ class CaptchaModule(L.LightningModule):
             metrics["pos_acc"].update(match.positions)
         preds = None
         if "cer" in metrics:
-            preds = [self.charset.decode(row) for row in decoded.indices]
+            preds = [solution.text for solution in solutions]
             truths = [self.charset.decode(row) for row in targets.tolist()]
             metrics["cer"].update(preds, truths)
         on_step = stage == "train"

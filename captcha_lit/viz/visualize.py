@@ -36,6 +36,7 @@ from captcha_lit.training.builders import build_datamodule, load_module
 from captcha_lit.data.datamodule import collate
 from captcha_lit.data.transforms import BatchAugment
 from captcha_lit.eval import resolve_data_config, set_beam_width
+from captcha_lit.training.inference import read_images
 from captcha_lit.utils import output_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,18 @@ def run_model(module, dataset, batch_size: int, num_embeddings: int, device: str
     truths, preds, confidences, parts = [], [], [], []
     shared = bool(getattr(module.net, "shared_position_features", False))
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        images = module.preprocess(batch["image"].to(device))
-        logits = module(images)
-        decoded = module.decode(logits)
-        texts = [module.charset.decode(row) for row in decoded.indices]
         start = len(truths)
+        take = min(len(batch["text"]), num_embeddings - start)
+        reading = read_images(module, batch["image"], batch_size=batch_size, keep_logits=take > 0)
+        texts = reading.texts
         truths += list(batch["text"])
         preds += texts
-        confidences += decoded.seq_conf
-        take = min(len(texts), num_embeddings - start)
+        confidences += [s.confidence for s in reading.solutions]
         if take > 0:
+            features = module.forward_features(module.preprocess(batch["image"][:take].to(device)))
             parts.append(analysis.character_points(
-                module.forward_features(images[:take]), logits[:take], batch["text"][:take], texts[:take],
-                decoder=module.decoder, charset=module.charset.chars, shared=shared, first_sample=start,
+                features, reading.logits[:take], batch["text"][:take], texts[:take],
+                decoder=module.spec.decoder, charset=module.spec.charset, shared=shared, first_sample=start,
             ))
     return truths, preds, confidences, analysis.FeaturePoints.concat(parts)
 
@@ -140,11 +140,11 @@ def visualize(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     dataset = datamodule.datasets[cfg.split]
     if cfg.get("num_images") is not None and int(cfg.num_images) < len(dataset):
         dataset = Subset(dataset, range(int(cfg.num_images)))
-    log.info("running %s on %d %s images", module.hparams.arch, len(dataset), cfg.split)
+    log.info("running %s on %d %s images", module.spec.arch, len(dataset), cfg.split)
     truths, preds, confidences, points = run_model(module, dataset, datamodule.eval_batch_size,
                                                    int(cfg.num_embeddings), device)
     files: dict[str, Path] = {}
-    arch = module.hparams.arch
+    arch = module.spec.arch
 
     samples, augmented = _augmented_samples(module, dataset, min(int(cfg.samples.num_images), len(dataset)),
                                             int(cfg.seed))
@@ -173,7 +173,7 @@ def visualize(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
     features_are = ("one point per image: its positions share one feature vector" if points.whole_images else
                     "one point per character: the aligned time step where CTC finds it most probable"
-                    if module.decoder == "ctc" else "one point per character: its position's feature")
+                    if module.spec.decoder == "ctc" else "one point per character: its position's feature")
     if len(points.sample):
         header, rows, panels = _embedding_metadata(points, truths, preds)
         coords = analysis.tsne_2d(points.features, perplexity=float(cfg.tsne.perplexity), seed=int(cfg.seed),
