@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from captcha_lit import __version__
 from captcha_lit.charset import Charset
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional
 from captcha_lit.preprocess import MAX_IMAGE_PIXELS, ImageInput, check_channels, normalize, open_image, resize_to_input
+from captcha_lit.utils import available_cores, check_model_path
 
 DECODERS = ("positional", "ctc")
 _REQUIRED_KEYS = ("charset", "input_size", "mean", "std", "decoder", "min_length", "max_length")
@@ -115,23 +115,6 @@ class ModelInfo:
 
 
 # ---- the solver ------------------------------------------------------------------------
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def check_model_file(path: str | os.PathLike) -> Path:
-    if path is None or str(path) in ("", "???"):
-        raise ValueError("no model given: pass the path of an exported .onnx file")
-    model = Path(os.path.expanduser(str(path)))
-    if not model.exists():
-        raise FileNotFoundError(
-            f"model {str(model)!r} does not exist; export one with `python -m captcha_lit.export ckpt_path=PATH`"
-        )
-    if model.is_dir():
-        raise ValueError(f"model {str(model)!r} is a directory; pass the .onnx file inside it")
-    return model
-
-
 class Solver:
     """An exported model, ready to solve images.
 
@@ -147,7 +130,7 @@ class Solver:
                  spinning: bool = True):
         import onnxruntime as ort
 
-        self.path = check_model_file(model_path)
+        self.path = check_model_path(model_path, "model")
         data = self.path.read_bytes()
         options = ort.SessionOptions()
         self.threads = int(threads) if threads else available_cores()
