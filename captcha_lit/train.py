@@ -23,11 +23,11 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, check_checkpoint, init_from_checkpoint, to_plain
+from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, init_from_checkpoint, to_plain
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
-from captcha_lit.utils import entry_point, flatten, output_dir, write_json
+from captcha_lit.utils import check_model_path, entry_point, flatten, output_dir, write_json
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.time()
@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict:
             "(weights, optimizer, epoch), init_from starts a new one from weights only; pass one of them"
         )
     if cfg.get("ckpt_path"):
-        check_checkpoint(cfg.ckpt_path)
+        check_model_path(cfg.ckpt_path, "checkpoint")
     ckpt_path, finished = resume_point(cfg, out_dir, is_rank_zero=rank_zero_only.rank == 0)
     if finished is not None:
         print(f"\nskipped: {out_dir} holds a finished run (resume=auto); its metrics stand")

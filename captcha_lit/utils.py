@@ -1,4 +1,9 @@
-"""Small helpers shared by the entry points."""
+"""Small helpers shared by the entry points and the torch-free runtime.
+
+Only the standard library is imported at run time (omegaconf only for type hints), so
+``captcha_lit.deploy.runtime`` can use this module and still need just onnxruntime,
+Pillow and numpy.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +28,38 @@ def output_dir(cfg: DictConfig) -> str:
     out = str(cfg.paths.output_dir)
     Path(out).mkdir(parents=True, exist_ok=True)
     return out
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, which a container or ``taskset``
+    can set below ``os.cpu_count()``."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# kind -> (how to pass one, how to get one, its file suffix)
+_MODEL_PATH_HINTS = {
+    "checkpoint": ("pass ckpt_path=PATH (train one with `make train`)",
+                   "train one with `make train` or `python -m captcha_lit.train`, then look in "
+                   "outputs/train/runs/*/checkpoints/", ".ckpt"),
+    "model": ("pass the path of an exported .onnx file",
+              "export one with `python -m captcha_lit.export ckpt_path=PATH`", ".onnx"),
+}
+
+
+def check_model_path(path: str | os.PathLike | None, kind: str) -> Path:
+    """An existing file for a ``kind`` of model ("checkpoint" or "model", an exported .onnx),
+    or an error that says what is wrong and how to get one."""
+    if kind not in _MODEL_PATH_HINTS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(_MODEL_PATH_HINTS)}")
+    how_to_pass, how_to_get, suffix = _MODEL_PATH_HINTS[kind]
+    if path is None or str(path) in ("", "???"):
+        raise ValueError(f"no {kind} given: {how_to_pass}")
+    file = Path(os.path.expanduser(str(path)))
+    if not file.exists():
+        raise FileNotFoundError(f"{kind} {str(file)!r} does not exist; {how_to_get}")
+    if file.is_dir():
+        raise ValueError(f"{kind} {str(file)!r} is a directory; pass the {suffix} file inside it")
+    return file
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

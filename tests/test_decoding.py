@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from captcha_lit.decoding import decode_ctc_beam, decode_ctc_greedy
-from captcha_lit.training.module import CaptchaModule
 
 BLANK = 3  # 3 characters + blank
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from captcha_lit.report import collect, main as report_main, write_report
-from captcha_lit.utils import entry_point, flatten, write_json
+from captcha_lit.utils import check_model_path, entry_point, flatten, write_json
 
 
 def test_entry_point_turns_bad_input_into_exit_code_2(capsys, monkeypatch):
@@ -57,6 +57,19 @@ def test_write_json_is_complete_and_leaves_no_temp_files(tmp_path):
     write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("kind, how_to_get, suffix", [("checkpoint", "train one with `make train`", ".ckpt"),
+                                                      ("model", "export one with `python -m captcha_lit.export", ".onnx")])
+def test_a_missing_model_path_says_how_to_get_one(tmp_path, kind, how_to_get, suffix):
+    with pytest.raises(FileNotFoundError, match=rf"{kind} '.*none{suffix}' does not exist; {how_to_get}"):
+        check_model_path(tmp_path / f"none{suffix}", kind)
+    with pytest.raises(ValueError, match=f"no {kind} given"):
+        check_model_path("???", kind)
+    with pytest.raises(ValueError, match=rf"is a directory; pass the \{suffix} file inside it"):
+        check_model_path(tmp_path, kind)
+    (tmp_path / f"m{suffix}").write_bytes(b"")
+    assert check_model_path(tmp_path / f"m{suffix}", kind) == tmp_path / f"m{suffix}"
 
 
 def test_flatten():

@@ -18,7 +18,6 @@ from captcha_lit.viz import analysis, plots
 from captcha_lit.training.callbacks import PredictionGallery
 from captcha_lit.decoding import ctc_character_steps
 from captcha_lit.eval import evaluate
-from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
 from captcha_lit.viz.visualize import visualize
 from conftest import PYTHON, REPO_ROOT, cli_env

@@ -41,11 +41,12 @@ def _median(values):
 
 # ---- data generation -----------------------------------------------------------------
 def bench_generation(repeats: int, count: int) -> dict:
-    from captcha_lit.data.synthetic import GeneratorSpec, default_workers, generate
+    from captcha_lit.data.synthetic import GeneratorSpec, generate
+    from captcha_lit.utils import available_cores
 
     height, width, channels = _default_input_shape()
     spec = GeneratorSpec(input_size=(height, width), channels=channels)
-    workers = default_workers()
+    workers = available_cores()
     single, parallel = [], []
     for r in range(repeats):
         t = time.perf_counter()

@@ -26,6 +26,7 @@ import numpy as np
 
 from captcha_lit.charset import Charset
 from captcha_lit.preprocess import resize_to_input
+from captcha_lit.utils import available_cores
 
 
 class _SeededSecrets:
@@ -261,10 +262,6 @@ def _is_shared(array: np.ndarray) -> bool:
     return isinstance(base, mmap.mmap)
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def generate(
     spec: GeneratorSpec,
     seed: int | str,
@@ -281,7 +278,7 @@ def generate(
     ``out`` may be a preallocated (e.g. memory-mapped) array to fill in place.
     """
     height, width = spec.input_size
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = available_cores() if workers is None else max(1, int(workers))
     chunks = [(seed, split, s, min(s + chunk_size, count)) for s in range(0, count, chunk_size)]
     parallel = workers > 1 and len(chunks) > 1
     forked = parallel and _pool_context().get_start_method() == "fork"

@@ -17,32 +17,16 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from captcha_lit.decoding import Solution, read_logits
 from captcha_lit.preprocess import MAX_IMAGE_PIXELS, ImageInput, normalize, open_image, resize_to_input
 from captcha_lit.spec import ModelSpec
+from captcha_lit.utils import available_cores, check_model_path
+
 
 # ---- the solver ------------------------------------------------------------------------
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def check_model_file(path: str | os.PathLike) -> Path:
-    if path is None or str(path) in ("", "???"):
-        raise ValueError("no model given: pass the path of an exported .onnx file")
-    model = Path(os.path.expanduser(str(path)))
-    if not model.exists():
-        raise FileNotFoundError(
-            f"model {str(model)!r} does not exist; export one with `python -m captcha_lit.export ckpt_path=PATH`"
-        )
-    if model.is_dir():
-        raise ValueError(f"model {str(model)!r} is a directory; pass the .onnx file inside it")
-    return model
-
-
 class Solver:
     """An exported model, ready to solve images.
 
@@ -58,7 +42,7 @@ class Solver:
                  spinning: bool = True):
         import onnxruntime as ort
 
-        self.path = check_model_file(model_path)
+        self.path = check_model_path(model_path, "model")
         data = self.path.read_bytes()
         options = ort.SessionOptions()
         self.threads = int(threads) if threads else available_cores()

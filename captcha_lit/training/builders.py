@@ -6,7 +6,6 @@ import inspect
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from captcha_lit import __version__
 from captcha_lit.spec import DATA_KEYS, ModelSpec
+from captcha_lit.utils import check_model_path
 
 log = logging.getLogger(__name__)
-
 
 
 def _datasets_path(name: str = "") -> str:
@@ -245,24 +244,9 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
     return summary
 
 
-def check_checkpoint(path: str | os.PathLike) -> Path:
-    """A readable checkpoint file, or a ValueError that says what is wrong and how to get one."""
-    if path is None or str(path) in ("", "???"):
-        raise ValueError("no checkpoint given: pass ckpt_path=PATH (train one with `make train`)")
-    ckpt = Path(os.path.expanduser(str(path)))
-    if not ckpt.exists():
-        raise FileNotFoundError(
-            f"checkpoint {str(ckpt)!r} does not exist; train one with `make train` or "
-            "`python -m captcha_lit.train`, then look in outputs/train/runs/*/checkpoints/"
-        )
-    if ckpt.is_dir():
-        raise ValueError(f"checkpoint {str(ckpt)!r} is a directory; pass the .ckpt file inside it")
-    return ckpt
-
-
 def load_checkpoint_dict(path: str | os.PathLike) -> dict:
     """``torch.load`` with ``weights_only=True``: a checkpoint that needs arbitrary unpickling is refused."""
-    ckpt = check_checkpoint(path)
+    ckpt = check_model_path(path, "checkpoint")
     try:
         return torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files

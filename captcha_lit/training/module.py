@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import lightning as L

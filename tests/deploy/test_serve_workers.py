@@ -10,8 +10,10 @@ import time
 import httpx
 import pytest
 
+from captcha_lit.deploy import workers as workers_module
 from captcha_lit.deploy.runtime import Solver
-from captcha_lit.deploy.serve import resolve_workers
+from captcha_lit.deploy.workers import AppSpec, _listening_sockets, resolve_workers
+from captcha_lit.utils import available_cores
 from conftest import PYTHON, REPO_ROOT, cli_env
 from test_deploy import captcha_pngs
 from test_serve import _free_port
@@ -110,13 +112,11 @@ def test_a_bad_worker_count_is_named(value):
 def test_worker_counts():
     assert resolve_workers(3) == 3
     assert resolve_workers("2") == 2
-    assert resolve_workers("auto") == (os.cpu_count() or 1)
+    assert resolve_workers("auto") == available_cores()
 
 
 def test_workers_refuse_a_port_another_server_listens_on():
     import socket
-
-    from captcha_lit.deploy.serve import _listening_sockets
 
     for reuse_port in (False, True):  # a plain server, and one (like ours) that allows SO_REUSEPORT
         with socket.socket() as other:
@@ -130,11 +130,40 @@ def test_workers_refuse_a_port_another_server_listens_on():
 
 
 def test_workers_share_one_free_port():
-    from captcha_lit.deploy.serve import _listening_sockets
-
     sockets = _listening_sockets("127.0.0.1", 0, 3)
     try:
         assert len({sock.getsockname()[1] for sock in sockets}) == 1
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_without_so_reuseport_uvicorns_workers_build_the_same_app(monkeypatch):
+    """Where the platform lacks SO_REUSEPORT, uvicorn starts its own workers from an import string."""
+    import asyncio
+    import socket
+
+    import uvicorn
+    from uvicorn.importer import import_from_string
+
+    monkeypatch.delattr(socket, "SO_REUSEPORT", raising=False)
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
+    monkeypatch.setenv(workers_module.WORKER_ENV, "")  # restored afterwards; run_workers sets it
+    onnx = REPO_ROOT / "tests" / "fixtures" / "compat_640dca3" / "crnn.onnx"
+    spec = AppSpec(onnx=str(onnx), threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20,
+                   max_batch=4, micro_batch=8)
+    workers_module.run_workers(spec, {"host": "127.0.0.1", "port": 0}, 3)
+    assert started["workers"] == 3 and started["factory"] is True
+    app = import_from_string(started["app"])()  # what each uvicorn worker runs
+    _, data = captcha_pngs(1)[0]
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+            model = (await client.get("/v1/model")).json()
+            solved = (await client.post("/v1/solve", files={"file": ("c.png", data, "image/png")})).json()
+        return model, solved
+
+    model, solved = asyncio.run(ask())
+    assert model["max_batch"] == 4
+    assert solved["text"] == Solver(onnx).solve(data).text

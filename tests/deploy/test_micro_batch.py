@@ -6,10 +6,7 @@ import asyncio
 import threading
 import time
 
-import pytest
-
-pytest.importorskip("fastapi")
-from captcha_lit.deploy.serve import MicroBatcher  # noqa: E402
+from captcha_lit.deploy.batcher import MicroBatcher
 
 
 def _recording_solver(calls: list[list[str]], delay: float = 0.02, fail_on: str | None = None):
