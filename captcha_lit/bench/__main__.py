@@ -1,3 +1,3 @@
-from captcha_lit.bench.run import main
+from captcha_lit.bench.cli import main
 
 main()

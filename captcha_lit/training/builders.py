@@ -274,8 +274,8 @@ def _legacy_spec(hp: dict) -> dict:
 
 def module_hparams(state: dict, source: str) -> dict:
     """A checkpoint's CaptchaModule arguments; checkpoints written before the spec are converted."""
-    if not isinstance(state, dict) or "hyper_parameters" not in state or "state_dict" not in state:
-        raise ValueError(f"{source} is not a captcha_lit checkpoint (no hyper_parameters/state_dict)")
+    if not isinstance(state, dict) or not isinstance(state.get("hyper_parameters"), dict):
+        raise ValueError(f"{source} is not a captcha_lit checkpoint (no hyper_parameters)")
     hp = dict(state["hyper_parameters"])
     if "spec" not in hp:
         try:
@@ -296,7 +296,11 @@ def load_module(path: str | os.PathLike, map_location: str = "cpu"):
     from captcha_lit.training.module import CaptchaModule
 
     state = load_checkpoint_dict(path)
-    module = CaptchaModule(**module_hparams(state, f"checkpoint {str(path)!r}"))
+    source = f"checkpoint {str(path)!r}"
+    hparams = module_hparams(state, source)
+    if "state_dict" not in state:
+        raise ValueError(f"{source} is not a captcha_lit checkpoint (no state_dict)")
+    module = CaptchaModule(**hparams)
     module.load_state_dict(state["state_dict"])
     module.eval()
     return module.to(map_location), state

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
-from captcha_lit.bench import run as bench
+from captcha_lit.bench import cli, training
+from captcha_lit.bench.tables import run_table
 
 
 def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
@@ -18,15 +20,18 @@ def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
                 "train_img_s": 500.0, "val_seq_acc_at_5min": 0.8, "val_seq_acc_at_10min": 0.95,
                 "val_seq_acc_at_15min": None}
 
-    monkeypatch.setattr(bench, "_train_run", fake_run)
-    summary = bench.bench_training("default", ["model=crnn"], 3, tmp_path)
+    monkeypatch.setattr(training, "_train_run", fake_run)
+    summary = training.bench_training("default", ["model=crnn"], 3, tmp_path)
     assert calls == [("default_run0", ["model=crnn"], True),  # the config as shipped
                      ("default_run1", ["model=crnn", "seed=43"], True),
                      ("default_run2", ["model=crnn", "seed=44"], True)]
     assert [run["seed"] for run in summary["runs"]] == [42, 43, 44]
+    assert [run["command"] for run in summary["runs"]] == [
+        "python -m captcha_lit.train model=crnn", "python -m captcha_lit.train model=crnn seed=43",
+        "python -m captcha_lit.train model=crnn seed=44"]
     assert summary["median_test_seq_acc"] == 0.97 and summary["test_seq_acc_range"] == [0.96, 0.98]
     assert summary["median_wall_s"] == 643.0 and summary["median_val_seq_acc_at_15min"] is None
-    table = bench._table({"train_default": summary})
+    table = run_table({"train_default": summary})
     assert "median of 3) | test seq acc | 0.9700 (seeds 42, 43, 44: 0.9600 to 0.9800)" in table
     assert "val seq acc at 5 / 10 / 15 min | 0.8000 / 0.9500 / n/a" in table
 
@@ -34,22 +39,35 @@ def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
 def test_a_failed_training_run_is_reported_not_counted(monkeypatch, tmp_path):
     results = iter([{"name": "default_run0", "error": "exit code 1; see default_run0.log"},
                     {"name": "default_run1", "test_seq_acc": 0.95, "wall_s": 700.0}])
-    monkeypatch.setattr(bench, "_train_run", lambda *args, **kwargs: next(results))
-    summary = bench.bench_training("default", [], 2, tmp_path)
+    monkeypatch.setattr(training, "_train_run", lambda *args, **kwargs: next(results))
+    summary = training.bench_training("default", [], 2, tmp_path)
     assert summary["median_test_seq_acc"] == 0.95 and summary["test_seq_acc_range"] == [0.95, 0.95]
-    table = bench._table({"train_default": summary})
+    table = run_table({"train_default": summary})
     assert "median of 1) | test seq acc | 0.9500 |" in table  # one seed: no range
     assert "| | default_run0 | FAILED: exit code 1; see default_run0.log | |" in table
 
 
 def test_generation_and_cache_load_benchmarks_run_for_real(tmp_path, capsys):
-    results = bench.main(["--only", "gen,load", "--repeats", "1", "--gen-images", "48", "--load-images", "200",
-                          "--out", str(tmp_path)])
+    results = cli.main(["--only", "gen,load", "--repeats", "2", "--gen-images", "48", "--load-images", "200",
+                        "--out", str(tmp_path)])
     gen, load = results["gen"], results["load"]
     assert gen["images"] == 48 and gen["single_core_img_s"] > 0 and load["images"] == 200 and load["load_s"] > 0
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = (path for path in tmp_path.iterdir() if path.is_dir())
     assert json.loads((run_dir / "results.json").read_text())["gen"] == gen
     table = (run_dir / "table.md").read_text()
-    assert "| data generation (48 img, median of 1) | 1 core |" in table
-    assert "| cached dataset load (200 img, median of 1) | time |" in table
+    assert "| data generation (48 img, median of 2) | 1 core |" in table
+    assert "| cached dataset load (200 img, median of 2) | time |" in table
     assert table in capsys.readouterr().out
+
+    with open(tmp_path / "results.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    load_rows = [(row["metric"], row["seeds"], row["value"], row["command"])
+                 for row in rows if row["benchmark"] == "cache_load"]
+    command = "python -m captcha_lit.bench --only load --repeats 2 --load-images 200"
+    assert load_rows == [("load_s", "run=0", str(load["runs"][0]["load_s"]), command),
+                         ("load_s", "run=1", str(load["runs"][1]["load_s"]), command),
+                         ("load_s", "", str(load["load_s"]), command)]  # the median
+    medians = {row["metric"]: float(row["value"]) for row in rows if row["benchmark"] == "generation"
+               and not row["seeds"]}
+    assert medians == {"single_core_img_s": gen["single_core_img_s"], "all_cores_img_s": gen["all_cores_img_s"],
+                       "speedup": gen["speedup"]}

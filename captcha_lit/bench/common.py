@@ -1,0 +1,57 @@
+"""What every benchmark module uses: the repository root, the composed train config, medians,
+percentiles and the memory of a process tree."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def median(values):
+    """The median of the values that were measured (``None`` marks a missing one), else ``None``."""
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def compose(overrides: list[str]):
+    """``conf/train.yaml`` with ``overrides``, composed as ``python -m captcha_lit.train`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def default_input_shape() -> tuple[int, int, int]:
+    """(height, width, channels) of the default recipe's model input."""
+    data = compose([]).data
+    height, width = (int(v) for v in data.input_size)
+    return height, width, 1 if data.get("grayscale") else 3
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` and all its descendants (0 once it has exited)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        processes = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for member in processes:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total

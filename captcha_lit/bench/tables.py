@@ -1,0 +1,237 @@
+"""Markdown tables: every figure of one ``make bench`` run (its table.md), and the README's
+"Current results" table from a results CSV (``--table``)."""
+
+from __future__ import annotations
+
+from captcha_lit.bench.training import TRAINING
+
+
+def _shown(value, digits: int = 4) -> str:
+    return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+# ---- one run's table: benchmark | figure | value | target -----------------------------------
+def _generation_lines(generation: dict) -> list[str]:
+    return [f"| data generation ({generation['images']} img, median of {generation['repeats']}) | 1 core | "
+            f"{generation['single_core_img_s']} img/s | |",
+            f"| | {generation['workers']} cores | {generation['all_cores_img_s']} img/s | |",
+            f"| | speedup | {generation['speedup']}x | >= 1.8x |"]
+
+
+def _cache_load_lines(load: dict) -> list[str]:
+    return [f"| cached dataset load ({load['images']} img, median of {load['repeats']}) | time | "
+            f"{load['load_s']} s | <= 5 s |"]
+
+
+def _throughput_lines(throughput: dict) -> list[str]:
+    lines = []
+    for label, model in throughput.items():
+        precision = model.get("precision", "32-true")
+        lines.append(f"| throughput {label} (input {model['input_size']}, {model['params']} params) | train, batch 64, "
+                     f"{precision} | {model['train_img_s']} img/s | |")
+        if precision != "32-true" and "train_fp32_img_s" in model:
+            lines.append(f"| | train, batch 64, 32-true (baseline) | {model['train_fp32_img_s']} img/s | |")
+        lines.append(f"| | inference, batch 256 | {model['infer_img_s_b256']} img/s | |")
+    return lines
+
+
+def _onnx_lines(onnx: dict) -> list[str]:
+    lines = [f"| ONNX Runtime, default model ({onnx['arch']}, input {onnx['input_size']}, {onnx['threads']} threads, "
+             f"median of {onnx['repeats']}) | inference + decoding, batch 256 | {onnx['onnx_img_s_b256']} img/s | |",
+             f"| | PyTorch baseline, batch 256 | {onnx['torch_img_s_b256']} img/s | |",
+             f"| | Solver.solve on PNG bytes, p50 / p99 | {onnx['solve_p50_ms']} / {onnx['solve_p99_ms']} ms | |"]
+    for name, setup in (onnx.get("http") or {}).items():
+        if "error" in setup:
+            lines.append(f"| HTTP {name} | load test | FAILED: {setup['error']} | |")
+            continue
+        target = "p50 <= 20, p99 <= 100 ms" if name == "default" else ""
+        lines += [f"| HTTP POST /v1/solve, {name} ({' '.join(setup['server_options']) or 'as shipped'}; "
+                  f"{setup['clients']} clients, {setup['seconds']:g} s, median of {setup['repeats']}) | "
+                  f"latency p50 / p99 | {setup['p50_ms']:.1f} / {setup['p99_ms']:.1f} ms | {target} |",
+                  f"| | throughput | {setup['req_s']:.0f} req/s ({setup['requests']} requests, "
+                  f"{setup['errors']} errors) | |",
+                  f"| | server RSS before / after | {setup['server_rss_before_mb']} / "
+                  f"{setup['server_rss_after_mb']} MB | |"]
+    return lines
+
+
+def _ddp_lines(ddp: dict) -> list[str]:
+    one, two = ddp["one_process"], ddp["two_processes"]
+    return [f"| DDP on CPU, default model, {ddp['num_train']} samples x {ddp['epochs']} epochs (median of "
+            f"{ddp['repeats']}) | test seq acc, 1 process / 2 processes (gloo) | {_shown(one['median_test_seq_acc'])} / "
+            f"{_shown(two['median_test_seq_acc'])} (difference {_shown(ddp['seq_acc_difference'])}) | same accuracy |",
+            f"| | wall time, 1 / 2 processes | {one['median_wall_s']} / {two['median_wall_s']} s | |",
+            f"| | train throughput, 1 / 2 processes | {one['median_train_img_s']} / "
+            f"{two['median_train_img_s']} img/s | |"]
+
+
+def _stream_lines(stream: dict) -> list[str]:
+    lines = []
+    for name in (key for key in stream if isinstance(stream[key], dict)):
+        wait = stream[name]["median_wait_fraction"]
+        target = "<= 10% (trainer >= 90% busy)" if name.startswith("streaming") else ""
+        lines.append(f"| data wait, default model, {stream['batches']} batches of {stream['batch_size']}, "
+                     f"{name.replace('_', ' ')} (median of {stream['repeats']}) | time waiting for data / img/s | "
+                     f"{'n/a' if wait is None else f'{wait:.1%}'} / {stream[name]['median_img_s']} | {target} |")
+    return lines
+
+
+def _training_lines(key: str, summary: dict, target: str) -> list[str]:
+    seeds = [str(run["seed"]) for run in summary["runs"] if "error" not in run]
+    spread = summary.get("test_seq_acc_range")
+    spread = (f" (seeds {', '.join(seeds)}: {_shown(spread[0])} to {_shown(spread[1])})"
+              if len(seeds) > 1 and spread else "")
+    lines = [f"| {key} ({' '.join(summary['overrides']) or 'no overrides'}; median of {len(seeds)}) | test seq acc | "
+             f"{_shown(summary['median_test_seq_acc'])}{spread} | {target} |",
+             f"| | wall time (incl. data generation) | {summary['median_wall_s']} s | |",
+             f"| | peak RSS (process tree) | {summary['median_peak_rss_gb']} GB | |",
+             f"| | val seq acc at 5 / 10 / 15 min | {_shown(summary['median_val_seq_acc_at_5min'])} / "
+             f"{_shown(summary['median_val_seq_acc_at_10min'])} / {_shown(summary['median_val_seq_acc_at_15min'])} | |",
+             f"| | train throughput | {summary['median_train_img_s']} img/s | |"]
+    lines += [f"| | {run['name']} | FAILED: {run['error']} | |" for run in summary["runs"] if "error" in run]
+    return lines
+
+
+def _finetune_lines(finetune: dict) -> list[str]:
+    pretrain = finetune["pretrain"]
+    if "error" in pretrain:
+        return [f"| fine-tuning study | pre-training | FAILED: {pretrain['error']} | |"]
+    zero_shot = finetune.get("zero_shot") or {}
+    zero_shot_acc = (_shown(zero_shot.get("test_seq_acc")) if "error" not in zero_shot
+                     else "FAILED: " + zero_shot["error"])
+    lines = [f"| fine-tuning study (captcha_images_v2, fixed 208-image test split) | synthetic pre-training: "
+             f"synthetic test acc / wall | {_shown(pretrain['test_seq_acc'])} / {pretrain['wall_s']} s | |",
+             f"| | pre-trained model on the real test split, no real labels | {zero_shot_acc} | |"]
+    for row in finetune["rows"]:
+        for kind, how in (("scratch", "from scratch"), ("pretrained", "fine-tuned from synthetic")):
+            run = row[kind]
+            value = f"FAILED: {run['error']}" if "error" in run else f"{_shown(run['test_seq_acc'])} ({run['wall_s']} s)"
+            lines.append(f"| | {row['labels']} real labels, {how} | {value} | |")
+    return lines
+
+
+def _parity_lines(parity: dict) -> list[str]:
+    if "error" in parity:
+        return [f"| ONNX parity | | FAILED: {parity['error']} | |"]
+    return [f"| ONNX parity on the test split ({parity['num_images']} images) | decoded texts agree | "
+            f"{parity['text_agreement']:.2%} ({parity['text_mismatches']} differ) | >= 99.9% |",
+            f"| | largest logit difference | {parity['max_abs_logit_diff']:.2e} | |",
+            f"| | seq acc PyTorch / ONNX | {_shown(parity['torch_seq_acc'])} / {_shown(parity['onnx_seq_acc'])} | |"]
+
+
+_RUN_SECTIONS = {"gen": _generation_lines, "load": _cache_load_lines, "throughput": _throughput_lines,
+                 "onnx": _onnx_lines, "ddp": _ddp_lines, "stream": _stream_lines}
+
+
+def run_table(results: dict) -> str:
+    """Every figure of one run's ``results`` (keyed by ``--only`` name), with its target."""
+    lines = ["| benchmark | figure | value | target |", "|---|---|---|---|"]
+    for key, section in _RUN_SECTIONS.items():
+        if key in results:
+            lines += section(results[key])
+    for key, recipe in TRAINING.items():
+        if key in results:
+            lines += _training_lines(key, results[key], recipe.target)
+    if "finetune" in results:
+        lines += _finetune_lines(results["finetune"])
+    if "parity" in results:
+        lines += _parity_lines(results["parity"])
+    return "\n".join(lines) + "\n"
+
+
+# ---- the README's current results: benchmark | figure | date | command ----------------------
+def _figure_text(value: str) -> str:
+    """A value as the CSV has it ("0.000" stays), float noise beyond 4 decimals rounded away."""
+    _, dot, decimals = value.partition(".")
+    if dot and len(decimals) > 4 and decimals.isdigit():
+        return f"{float(value):.4f}"
+    return value
+
+
+def _training_figure(values: dict) -> str:
+    figure = f"test seq acc {values['test_seq_acc']}, wall {values['wall_time_s']} s"
+    return figure + (f", peak RSS {values['peak_rss_gb']} GB" if "peak_rss_gb" in values else "")
+
+
+def _finetune_figure(benchmark: str, values: dict) -> str:
+    labels = benchmark.rsplit("_", 1)[1]
+    return (f"{labels} real labels: test seq acc {values['test_seq_acc']} fine-tuned "
+            f"({values['test_seq_acc_scratch']} from scratch), {values['wall_time_s']} s")
+
+
+def _throughput_figure(values: dict) -> str:
+    labels = ["default"] + [metric.removesuffix("_train_img_s_fp32") for metric in values
+                            if metric.endswith("_train_img_s_fp32")]
+    parts = []
+    for label in labels:
+        prefix = "" if label == "default" else f"{label}_"
+        fp32, infer = values[f"{prefix}train_img_s_fp32"], values[f"{prefix}infer_img_s"]
+        bf16 = values.get(f"{prefix}train_img_s_bf16")
+        if label == "default":
+            train = f"train {bf16} img/s bf16, {fp32} fp32" if bf16 else f"train {fp32} img/s fp32"
+            parts.append(f"default: {train}, inference {infer} img/s")
+        else:
+            parts.append(f"{label}: {bf16 + ', ' if bf16 else ''}{fp32}, {infer}")
+    return "; ".join(parts)
+
+
+def _onnx_figure(values: dict) -> str:
+    return (f"ONNX Runtime {values['infer_img_s']} img/s at batch 256; `Solver.solve` p50 {values['solve_p50_ms']} ms, "
+            f"p99 {values['solve_p99_ms']} ms")
+
+
+def _http_figure(values: dict) -> str:
+    return f"`/v1/solve`: p50 {values['p50_ms']} ms, p99 {values['p99_ms']} ms, {values['req_s']} req/s"
+
+
+def _ddp_figure(values: dict) -> str:
+    return (f"2 gloo processes: test seq acc {values['test_seq_acc']}, {values['wall_time_s']} s; "
+            f"1 process: {values['test_seq_acc_1proc']}, {values['wall_time_s_1proc']} s")
+
+
+def _stream_figure(values: dict) -> str:
+    return (f"streamed: {values['data_wait_pct']}% of the time waiting for data, {values['train_img_s']} img/s; "
+            f"cached split: {values['data_wait_pct_cached']}%, {values['train_img_s_cached']} img/s")
+
+
+def _generation_figure(values: dict) -> str:
+    return (f"1 core {values['single_core_img_s']} img/s, all cores {values['all_cores_img_s']} img/s "
+            f"({values['speedup']}x)")
+
+
+def _cache_load_figure(values: dict) -> str:
+    return f"cached split loaded in {values['load_s']} s"
+
+
+def _parity_figure(values: dict) -> str:
+    return (f"decoded texts agree {values['text_agreement']} ({values['text_mismatches']} differ), "
+            f"largest logit difference {values['max_abs_logit_diff']}")
+
+
+_FIGURES = {"throughput": _throughput_figure, "onnx": _onnx_figure, "http": _http_figure, "ddp": _ddp_figure,
+            "stream": _stream_figure, "generation": _generation_figure, "cache_load": _cache_load_figure,
+            "parity": _parity_figure}
+
+
+def _main_figures(benchmark: str, values: dict) -> str:
+    try:
+        if benchmark.startswith("train_"):
+            return _training_figure(values)
+        if benchmark.startswith("finetune_"):
+            return _finetune_figure(benchmark, values)
+        if benchmark in _FIGURES:
+            return _FIGURES[benchmark](values)
+    except KeyError:  # a run that measured only some metrics: list what it has
+        pass
+    return ", ".join(f"{metric} {value}" for metric, value in values.items())
+
+
+def current_results_table(figures: dict[str, list[dict]]) -> str:
+    """One line per benchmark of ``figures`` (results.current_figures): its main figures, the
+    date they were measured and the command that measures them again."""
+    lines = ["| benchmark | figure | date | command |", "|---|---|---|---|"]
+    for benchmark, rows in figures.items():
+        values = {row["metric"]: _figure_text(row["value"]) for row in rows}
+        lines.append(f"| `{benchmark}` | {_main_figures(benchmark, values)} | {rows[-1]['date']} | "
+                     f"`{rows[-1]['command']}` |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""Benchmarks that train for real: the shipped recipes from a fresh data cache (test accuracy,
+wall time, peak RSS of the process tree, val accuracy at 5/10/15 minutes), fine-tuning from
+synthetic pre-training on a few real labels, and one process against DDP with two."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from captcha_lit.bench.common import ROOT, compose, median, process_tree_rss
+
+class TrainingRecipe(NamedTuple):
+    benchmark: str  # its name in results.csv
+    overrides: list[str]
+    target: str
+
+
+# --only name: recipe. Each is run from a fresh data cache, so generation is in the wall time.
+TRAINING = {
+    "train_default": TrainingRecipe("train_default", [], ">= 0.99 in <= 15 min, <= 4 GB"),
+    "train_cnn": TrainingRecipe("train_cnn", ["experiment=cnn"], ">= 0.98 in <= 15 min"),
+    "train_varlen": TrainingRecipe("train_varlen", ["experiment=varlen"], ">= 0.97 in <= 20 min"),
+    "train_v2": TrainingRecipe("train_captcha_images_v2", ["experiment=captcha_images_v2"], ">= 0.98 in <= 10 min"),
+    "train_seed": TrainingRecipe("train_seed", ["experiment=seed"], "reported (the seed project: about 0.95 val)"),
+}
+
+
+def shipped_seed(overrides: list[str]) -> int:
+    """The seed of the recipe as shipped: repeat 0's, and repeat r > 0 sets this + r."""
+    return int(compose(overrides).seed)
+
+
+def train_command(overrides: list[str]) -> str:
+    """The command line that repeats a training run. The data cache folder is left out: any
+    cache with the same data gives the same run (only a fresh one adds generation time)."""
+    kept = [override for override in overrides if not override.startswith("data.cache_dir=")]
+    return " ".join(["python -m captcha_lit.train", *kept])
+
+
+def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool) -> dict:
+    run_dir = out_dir / name
+    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_cache_")) if fresh_cache else None
+    cmd = [sys.executable, "-m", "captcha_lit.train", *overrides, f"hydra.run.dir={run_dir}",
+           "trainer.enable_progress_bar=false"]
+    if cache_dir is not None:
+        cmd.append(f"data.cache_dir={cache_dir}")
+    peak_rss = 0
+    start = time.time()
+    with open(out_dir / f"{name}.log", "w") as log_file:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def sample_rss():
+            nonlocal peak_rss
+            while not done.is_set():
+                peak_rss = max(peak_rss, process_tree_rss(process.pid))
+                done.wait(0.5)
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        code = process.wait()
+        done.set()
+        sampler.join()
+    wall = time.time() - start
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    if code != 0:
+        return {"name": name, "error": f"exit code {code}; see {out_dir / f'{name}.log'}"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    def val_seq_acc_at(minutes: float):
+        points = [point for point in metrics["timeline"] if point["elapsed_s"] <= minutes * 60]
+        return points[-1]["val/seq_acc"] if points else None
+
+    return {"name": name, "test_seq_acc": metrics.get("test/seq_acc"), "test_char_acc": metrics.get("test/char_acc"),
+            "best_ckpt": metrics.get("best_ckpt"), "wall_s": round(wall, 1), "peak_rss_gb": round(peak_rss / 2**30, 2),
+            "train_img_s": metrics.get("train_images_per_s"), "val_seq_acc_at_5min": val_seq_acc_at(5),
+            "val_seq_acc_at_10min": val_seq_acc_at(10), "val_seq_acc_at_15min": val_seq_acc_at(15)}
+
+
+TRAINING_FIGURES = ("test_seq_acc", "test_char_acc", "wall_s", "peak_rss_gb", "train_img_s", "val_seq_acc_at_5min",
+                    "val_seq_acc_at_10min", "val_seq_acc_at_15min")
+
+
+def bench_training(name: str, overrides: list[str], repeats: int, out_dir: Path) -> dict:
+    """Repeat 0 is the config as shipped. The recipes are deterministic, so an identical repeat
+    would only re-measure the wall time: repeat r > 0 sets ``seed`` to the shipped seed + r
+    (weights and batch order; the data and the test split keep their own seeds)."""
+    first_seed = shipped_seed(overrides)
+    runs = []
+    for repeat in range(repeats):
+        seed = first_seed + repeat
+        run_overrides = overrides + ([f"seed={seed}"] if repeat else [])
+        run = _train_run(f"{name}_run{repeat}", run_overrides, out_dir, fresh_cache=True)
+        runs.append({**run, "seed": seed, "command": train_command(run_overrides)})
+    ok = [run for run in runs if "error" not in run]
+    summary = {"overrides": overrides, "runs": runs}
+    accuracies = [run["test_seq_acc"] for run in ok if run.get("test_seq_acc") is not None]
+    summary["test_seq_acc_range"] = [min(accuracies), max(accuracies)] if accuracies else None
+    for key in TRAINING_FIGURES:
+        summary[f"median_{key}"] = median([run.get(key) for run in ok])
+    return summary
+
+
+def _eval_run(name: str, overrides: list[str], out_dir: Path) -> dict:
+    run_dir = out_dir / name
+    cmd = [sys.executable, "-m", "captcha_lit.eval", *overrides, f"hydra.run.dir={run_dir}",
+           "trainer.enable_progress_bar=false"]
+    with open(out_dir / f"{name}.log", "w") as log_file:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    if code != 0:
+        return {"name": name, "error": f"exit code {code}; see {out_dir / f'{name}.log'}"}
+    return {"name": name, "test_seq_acc": json.loads((run_dir / "metrics.json").read_text()).get("test/seq_acc")}
+
+
+def bench_finetune(out_dir: Path, limits: tuple[int, ...] = (100, 200)) -> dict:
+    """Does synthetic pre-training help on a real set with few labels? captcha_images_v2 with
+    only ``limits`` training labels (the same fixed val and test splits), trained from scratch
+    and fine-tuned from a model pre-trained on generated CAPTCHAs of the same charset."""
+    pretrain = _train_run("finetune_pretrain", ["experiment=captcha_images_v2_pretrain"], out_dir, fresh_cache=True)
+    # Every run here trains with its recipe's own seed.
+    result: dict = {"pretrain": pretrain, "rows": [], "seed": shipped_seed(["experiment=captcha_images_v2"])}
+    if "error" in pretrain:
+        return result
+    ckpt = pretrain["best_ckpt"]
+    result["zero_shot"] = _eval_run("finetune_zero_shot", [f"ckpt_path={ckpt}", "data=captcha_images_v2"], out_dir)
+    for labels in limits:
+        limited = ["experiment=captcha_images_v2", f"data.train_limit={labels}"]
+        scratch = _train_run(f"finetune_scratch_{labels}", limited, out_dir, fresh_cache=False)
+        tuned = _train_run(f"finetune_init_{labels}", [*limited, f"init_from={ckpt}"], out_dir, fresh_cache=False)
+        result["rows"].append({"labels": labels, "scratch": scratch, "pretrained": tuned})
+    return result
+
+
+DDP_FIGURES = ("test_seq_acc", "test_char_acc", "wall_s", "train_img_s")
+
+
+def bench_ddp(repeats: int, num_train: int, epochs: int, out_dir: Path) -> dict:
+    """The default model on CPU, trained by one process (batch 64) and by DDP with two gloo
+    processes (batch 32 each: the same global batch, steps and samples), scored on the test split."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_ddp_cache_"))
+    shared_overrides = [f"data.num_train={num_train}", f"trainer.max_epochs={epochs}", f"data.cache_dir={cache_dir}",
+                        "trainer.accelerator=cpu", "trainer.enable_model_summary=false"]
+    setups = {"one_process": ["trainer.devices=1", "data.batch_size=64"],
+              "two_processes": ["trainer=ddp", "trainer.devices=2", "data.batch_size=32"]}
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    try:
+        from captcha_lit.training.builders import build_datamodule
+
+        build_datamodule(compose(shared_overrides).data).prepare_data()  # generated once, outside the timed runs
+        first_seed = shipped_seed(shared_overrides)
+        for repeat in range(repeats):
+            seed = first_seed + repeat
+            for name, overrides in setups.items():  # interleaved, so machine load hits both alike
+                run_overrides = shared_overrides + overrides + [f"seed={seed}"]
+                run = _train_run(f"ddp_{name}_run{repeat}", run_overrides, out_dir, fresh_cache=False)
+                runs[name].append({**run, "seed": seed, "command": train_command(run_overrides)})
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    result: dict = {"num_train": num_train, "epochs": epochs, "total_samples": num_train * epochs,
+                    "repeats": repeats}
+    for name, setup_runs in runs.items():
+        ok = [run for run in setup_runs if "error" not in run]
+        result[name] = {"runs": setup_runs, **{f"median_{key}": median([run.get(key) for run in ok])
+                                               for key in DDP_FIGURES}}
+    one, two = result["one_process"]["median_test_seq_acc"], result["two_processes"]["median_test_seq_acc"]
+    result["seq_acc_difference"] = round(two - one, 4) if one is not None and two is not None else None
+    return result

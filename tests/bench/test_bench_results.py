@@ -1,0 +1,136 @@
+"""``make bench`` results as data: the rows of outputs/bench/results.csv and ``--table``."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import time
+
+import pytest
+
+from captcha_lit.bench import cli, training
+from captcha_lit.bench.results import COLUMNS, git_commit
+
+HEADER = ",".join(COLUMNS)
+
+
+def _fake_training(accuracies: dict[int, float]):
+    def fake_run(name, overrides, out_dir, fresh_cache):
+        seed = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 42)
+        return {"name": name, "test_seq_acc": accuracies[seed], "test_char_acc": 0.99, "wall_s": 100.0 + seed,
+                "peak_rss_gb": 1.5, "train_img_s": 800.0, "val_seq_acc_at_5min": 0.9, "val_seq_acc_at_10min": None,
+                "val_seq_acc_at_15min": None, "best_ckpt": None}
+    return fake_run
+
+
+def _read(path):
+    with open(path, newline="") as file:
+        return list(csv.reader(file))
+
+
+def test_a_training_benchmark_appends_a_row_per_metric_and_seed_and_the_median(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(training, "_train_run", _fake_training({42: 0.96, 43: 0.99, 44: 0.97}))
+    cli.main(["--only", "train_v2", "--train-repeats", "3", "--out", str(tmp_path)])
+
+    header, *lines = _read(tmp_path / "results.csv")
+    assert header == list(COLUMNS)
+    rows = [dict(zip(COLUMNS, line)) for line in lines]
+    assert {row["benchmark"] for row in rows} == {"train_captcha_images_v2"}  # named after its recipe
+    accuracy = [(row["seeds"], row["value"], row["command"]) for row in rows if row["metric"] == "test_seq_acc"]
+    assert accuracy == [
+        ("42", "0.96", "python -m captcha_lit.train experiment=captcha_images_v2"),
+        ("43", "0.99", "python -m captcha_lit.train experiment=captcha_images_v2 seed=43"),
+        ("44", "0.97", "python -m captcha_lit.train experiment=captcha_images_v2 seed=44"),
+        ("42 43 44", "0.97", "python -m captcha_lit.bench --only train_v2 --train-repeats 3")]
+    medians = {row["metric"]: row["value"] for row in rows if row["seeds"] == "42 43 44"}
+    # val_seq_acc_at_10min/15min were never reached: no row rather than an empty value
+    assert medians == {"test_seq_acc": "0.97", "test_char_acc": "0.99", "wall_time_s": "143", "peak_rss_gb": "1.5",
+                       "train_img_s": "800", "val_seq_acc_at_5min": "0.9"}
+    expected_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=cli.ROOT).stdout.strip()
+    for row in rows:
+        assert row["date"] == time.strftime("%Y-%m-%d")
+        assert row["commit"].removesuffix("+dirty") == expected_commit
+        assert "cores" in row["machine"] and row["machine"].endswith("GiB")
+
+    # A second run appends (one header), and --table shows only its medians.
+    monkeypatch.setattr(training, "_train_run", _fake_training({42: 0.95}))
+    cli.main(["--only", "train_v2", "--train-repeats", "1", "--out", str(tmp_path)])
+    lines = _read(tmp_path / "results.csv")
+    assert lines.count(list(COLUMNS)) == 1 and len(lines) == 1 + len(rows) + 2 * 6
+    capsys.readouterr()
+    cli.main(["--table", str(tmp_path / "results.csv")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:] == [f"| `train_captcha_images_v2` | test seq acc 0.95, wall 142 s, peak RSS 1.5 GB | "
+                         f"{time.strftime('%Y-%m-%d')} | `python -m captcha_lit.bench --only train_v2 --train-repeats 1` |"]
+
+
+SMALL_CSV = f"""{HEADER}
+train_default,test_seq_acc,0.9910,42,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.train
+train_default,test_seq_acc,0.9880,43,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.train seed=43
+train_default,test_seq_acc,0.9895,42 43,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only train_default --train-repeats 2
+train_default,wall_time_s,865,42,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.train
+train_default,wall_time_s,784,42 43,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only train_default --train-repeats 2
+throughput,train_img_s_bf16,1400,run=0,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
+throughput,train_img_s_bf16,1445,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
+throughput,train_img_s_fp32,895,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
+throughput,infer_img_s,2384,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
+throughput,cnn_train_img_s_fp32,863,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
+throughput,cnn_infer_img_s,1986,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
+finetune_captcha_images_v2_100,test_seq_acc,0.966,42,2026-11-25,ccccccc,2 CPU cores,python -m captcha_lit.bench --only finetune
+finetune_captcha_images_v2_100,test_seq_acc_scratch,0.000,42,2026-11-25,ccccccc,2 CPU cores,python -m captcha_lit.bench --only finetune
+finetune_captcha_images_v2_100,wall_time_s,44,42,2026-11-25,ccccccc,2 CPU cores,python -m captcha_lit.bench --only finetune
+"""
+
+
+def test_table_prints_one_line_per_benchmark_from_the_median_rows(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    path.write_text(SMALL_CSV)
+    assert cli.main(["--table", str(path)]) is None
+    assert capsys.readouterr().out.splitlines() == [
+        "| benchmark | figure | date | command |",
+        "|---|---|---|---|",
+        "| `train_default` | test seq acc 0.9895, wall 784 s | 2026-12-03 | "
+        "`python -m captcha_lit.bench --only train_default --train-repeats 2` |",
+        "| `throughput` | default: train 1445 img/s bf16, 895 fp32, inference 2384 img/s; cnn: 863, 1986 | "
+        "2026-12-04 | `python -m captcha_lit.bench --only throughput --repeats 1` |",
+        "| `finetune_captcha_images_v2_100` | 100 real labels: test seq acc 0.966 fine-tuned (0.000 from scratch), "
+        "44 s | 2026-11-25 | `python -m captcha_lit.bench --only finetune` |"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("benchmark,metric,value\ntrain_default,test_seq_acc,0.99\n", "columns are 'benchmark,metric,value', expected"),
+    (f"{HEADER}\ntrain_default,test_seq_acc,0.99\n", "line 2: 3 fields, expected 8"),
+])
+def test_table_on_a_bad_csv_exits_2_with_one_line_naming_the_file(tmp_path, capsys, content, message):
+    path = tmp_path / "results.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--table", str(path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"error: {path}") and message in error
+
+
+def test_a_run_with_a_foreign_results_csv_stops_before_benchmarking(monkeypatch, tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("name,score\n")
+    monkeypatch.setattr(training, "_train_run", lambda *args, **kwargs: pytest.fail("a benchmark ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--only", "train_default", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "columns are 'name,score'" in capsys.readouterr().err
+    assert (tmp_path / "results.csv").read_text() == "name,score\n"
+
+
+def test_commit_is_the_short_hash_dirty_with_uncommitted_changes_and_empty_outside_git(tmp_path):
+    assert git_commit(tmp_path) == ""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "file.txt").write_text("one\n")
+    subprocess.run([*git, "add", "file.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    short = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == short
+    (tmp_path / "file.txt").write_text("two\n")
+    assert git_commit(tmp_path) == f"{short}+dirty"
