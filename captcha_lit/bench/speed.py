@@ -97,7 +97,6 @@ def bench_throughput(repeats: int) -> dict:
 
 def bench_onnx(repeats: int, http_seconds: float, http_clients: int = 16, latency_images: int = 200) -> dict:
     """The default model (freshly initialized: speed does not depend on the weights) exported to ONNX."""
-    import torch
 
     from captcha_lit.deploy.export import export_onnx
     from captcha_lit.deploy.runtime import Solver
