@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
+
 # A research study, not part of the package; its worker processes import it by name too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "studies"))
+sys.path.insert(0, str(REPO_ROOT / "docs" / "studies"))
 from ambiguity import CONTEXT_WIDTH, SIDE, draw_characters, draw_in_context, main  # noqa: E402
 
 
