@@ -272,6 +272,7 @@ def test_solver_rejects_bad_model_files(tmp_path):
 
 
 # ---- command lines: bad model files end with one error line and exit code 2 -----------------------
+@pytest.mark.slow
 def test_cli_bad_model_files(tmp_path, cache_dir):
     corrupt_ckpt = tmp_path / "corrupt.ckpt"
     corrupt_ckpt.write_bytes(b"not a checkpoint")

@@ -31,6 +31,7 @@ def test_drawing_is_seeded_and_squeeze_narrows_the_characters():
     assert mean_ink_width(squeezed) < mean_ink_width(images)
 
 
+@pytest.mark.slow
 def test_a_short_study_learns_a_distinct_pair(tmp_path):
     out = tmp_path / "study.json"
     result = main(["--pair", "1W", "--train", "4096", "--test", "512", "--epochs", "3", "--out", str(out)])
@@ -52,6 +53,7 @@ def test_context_pairs_differ_only_in_the_character_and_are_centred_on_it():
         assert abs((columns[0] + columns[-1]) / 2 - CONTEXT_WIDTH / 2) <= 2
 
 
+@pytest.mark.slow
 def test_context_learning_curve_trains_one_classifier_per_size():
     result = main(["--context", "--pair", "1A", "--train", "1024,512", "--test", "256", "--epochs", "2"])
     assert result["mode"] == "context" and [run["train"] for run in result["runs"]] == [512, 1024]
