@@ -143,7 +143,7 @@ def test_ctc_greedy(path, expected):
     decoded = decode_ctc_greedy(_one_hot([path], BLANK + 1), blank=BLANK)
     assert decoded.indices == [expected]
     assert len(decoded.char_conf[0]) == len(expected)
-    assert 0.0 < decoded.seq_conf[0] <= 1.0
+    assert decoded.seq_conf[0] == pytest.approx(1.0, abs=1e-6)  # every step is certain
 
 
 def test_ctc_greedy_batch_rows_are_independent():
@@ -162,7 +162,7 @@ def test_positional_stops_at_end_symbol():
     decoded = decode_positional(_one_hot([[1, 2, end, 0], [0, 1, 2, 0], [end, 1, 1, 1]], 4), end_class=end)
     assert decoded.indices == [[1, 2], [0, 1, 2, 0], []]
     assert [len(c) for c in decoded.char_conf] == [2, 4, 0]
-    assert all(0.0 < c <= 1.0 for c in decoded.seq_conf)
+    assert decoded.seq_conf == pytest.approx([1.0] * 3, abs=1e-6)  # every position is certain, the end symbol too
 
 
 def test_positional_confidence_is_product_of_characters():

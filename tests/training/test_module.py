@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import math
 import re
 
 import pytest
@@ -25,8 +27,11 @@ def test_module_logits_and_predictions():
         logits = module(images)
         texts, decoded = module.predict_texts(images)
     assert logits.shape == (3, 5, 10)
-    assert len(texts) == 3 and all(len(t) == 5 and t.isdigit() for t in texts)
-    assert all(0.0 <= c <= 1.0 for c in decoded.seq_conf)
+    assert texts == ["".join(str(i) for i in row) for row in logits.argmax(-1).tolist()]  # charset 0-9: index = digit
+    # Each character's confidence is its softmax probability; the text's, their product (no end symbol here).
+    for chars, probs in zip(decoded.char_conf, logits.softmax(-1).max(-1).values.tolist()):
+        assert chars == pytest.approx(probs)
+    assert decoded.seq_conf == pytest.approx([math.prod(chars) for chars in decoded.char_conf])
 
 
 def test_module_variable_length_positional_adds_end_class():
@@ -127,8 +132,14 @@ def test_module_hparams_are_plain_values():
     hp = dict(module.hparams)
     assert hp["arch"] == "cnn" and hp["charset"] == "0123456789"
     assert hp["input_size"] == [32, 96]
-    # the module can be rebuilt from its own hyperparameters
-    CaptchaModule(**hp)
+    buffer = io.BytesIO()
+    torch.save(hp, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == hp  # plain values only: a safe load reads them back
+    # The module can be rebuilt from its own hyperparameters, into the same network.
+    rebuilt = CaptchaModule(**hp)
+    assert dict(rebuilt.hparams) == hp
+    rebuilt.load_state_dict(module.state_dict())
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
