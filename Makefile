@@ -10,6 +10,7 @@ ARGS ?=
 help:
 	@echo "make train      set up .venv, generate or reuse the dataset, train the default model, print test metrics"
 	@echo "make test       set up .venv and run the test suite"
+	@echo "make test-fast  the suite without the tests marked slow (a couple of minutes at most)"
 	@echo "make bench      run the accuracy and speed benchmarks (writes outputs/bench/)"
 	@echo "make serve      serve the newest trained checkpoint over HTTP (MODEL=path.ckpt|.onnx to choose one)"
 	@echo "make tensorboard  serve TensorBoard on outputs/"

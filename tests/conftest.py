@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # committed test data
 
 # Tiny but real: a few batches of every split at the default model input size.
 TINY_DATA = [

@@ -1,4 +1,4 @@
-"""CTC decoding: greedy vs prefix beam search, confidences, and the module's choice between them."""
+"""Decoding: greedy CTC vs prefix beam search, positional with an end symbol, confidences, and the module's choice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from captcha_lit.decoding import decode_ctc_beam, decode_ctc_greedy
+from captcha_lit.decoding import decode_ctc_beam, decode_ctc_greedy, decode_positional
 
 BLANK = 3  # 3 characters + blank
 
@@ -113,3 +113,60 @@ def test_module_decodes_with_its_beam_width(make_module):
 def test_beam_width_is_refused_for_positional_models(make_module):
     with pytest.raises(ValueError, match="beam_width=4 applies to CTC models"):
         make_module("cnn", charset="abc", beam_width=4)
+
+
+# ---- greedy CTC and positional decoding -----------------------------------------------
+
+
+def _one_hot(rows: list[list[int]], num_classes: int) -> torch.Tensor:
+    """Class index sequences -> logits whose argmax is that sequence."""
+    logits = torch.full((len(rows), len(rows[0]), num_classes), -10.0)
+    for b, row in enumerate(rows):
+        for t, k in enumerate(row):
+            logits[b, t, k] = 10.0
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ([0, 0, 0, 1], [0, 1]),  # repeats merge
+        ([0, BLANK, 0, 1], [0, 0, 1]),  # a blank separates a doubled character
+        ([0, 0, BLANK, BLANK, 0, 0], [0, 0]),
+        ([BLANK, 2, BLANK, 1, BLANK], [2, 1]),  # blanks dropped
+        ([BLANK, BLANK, BLANK, BLANK], []),  # all blank -> empty
+        ([2, 2, 2, 2], [2]),
+    ],
+)
+def test_ctc_greedy(path, expected):
+    decoded = decode_ctc_greedy(_one_hot([path], BLANK + 1), blank=BLANK)
+    assert decoded.indices == [expected]
+    assert len(decoded.char_conf[0]) == len(expected)
+    assert decoded.seq_conf[0] == pytest.approx(1.0, abs=1e-6)  # every step is certain
+
+
+def test_ctc_greedy_batch_rows_are_independent():
+    decoded = decode_ctc_greedy(_one_hot([[0, BLANK, 0], [BLANK, BLANK, BLANK], [1, 1, 2]], 4), blank=BLANK)
+    assert decoded.indices == [[0, 0], [], [1, 2]]
+
+
+def test_positional_without_end_class_keeps_every_position():
+    decoded = decode_positional(_one_hot([[1, 2, 0, 2]], 3))
+    assert decoded.indices == [[1, 2, 0, 2]]
+    assert len(decoded.char_conf[0]) == 4
+
+
+def test_positional_stops_at_end_symbol():
+    end = 3
+    decoded = decode_positional(_one_hot([[1, 2, end, 0], [0, 1, 2, 0], [end, 1, 1, 1]], 4), end_class=end)
+    assert decoded.indices == [[1, 2], [0, 1, 2, 0], []]
+    assert [len(c) for c in decoded.char_conf] == [2, 4, 0]
+    assert decoded.seq_conf == pytest.approx([1.0] * 3, abs=1e-6)  # every position is certain, the end symbol too
+
+
+def test_positional_confidence_is_product_of_characters():
+    logits = torch.zeros(1, 2, 2)  # uniform over 2 classes -> each position 0.5
+    logits[0, :, 0] = 1e-3  # break ties towards class 0
+    decoded = decode_positional(logits)
+    assert decoded.seq_conf[0] == pytest.approx(0.25, abs=1e-3)
+

@@ -242,6 +242,7 @@ def visualized(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     return {arch: root / arch for arch in tiny_checkpoints}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["crnn", "cnn"])
 def test_visualize_writes_every_picture(visualized, arch):
     out = visualized[arch]
@@ -264,6 +265,7 @@ def test_visualize_writes_every_picture(visualized, arch):
     assert '<img src="gallery.png"' in (out / "index.html").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, points", [("crnn", 32 * 5), ("cnn", 32)])
 def test_visualize_projector_files(visualized, arch, points):
     """Per-character points for the CTC model (5 characters each); one per image for the cnn, whose

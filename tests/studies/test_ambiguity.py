@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
+
 # A research study, not part of the package; its worker processes import it by name too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "studies"))
+sys.path.insert(0, str(REPO_ROOT / "docs" / "studies"))
 from ambiguity import CONTEXT_WIDTH, SIDE, draw_characters, draw_in_context, main  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def test_drawing_is_seeded_and_squeeze_narrows_the_characters():
     assert mean_ink_width(squeezed) < mean_ink_width(images)
 
 
+@pytest.mark.slow
 def test_a_short_study_learns_a_distinct_pair(tmp_path):
     out = tmp_path / "study.json"
     result = main(["--pair", "1W", "--train", "4096", "--test", "512", "--epochs", "3", "--out", str(out)])
@@ -51,6 +53,7 @@ def test_context_pairs_differ_only_in_the_character_and_are_centred_on_it():
         assert abs((columns[0] + columns[-1]) / 2 - CONTEXT_WIDTH / 2) <= 2
 
 
+@pytest.mark.slow
 def test_context_learning_curve_trains_one_classifier_per_size():
     result = main(["--context", "--pair", "1A", "--train", "1024,512", "--test", "256", "--epochs", "2"])
     assert result["mode"] == "context" and [run["train"] for run in result["runs"]] == [512, 1024]

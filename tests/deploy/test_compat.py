@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from captcha_lit.predict import _onnx_model, _torch_model, predict_files
+from conftest import FIXTURES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "compat_640dca3"
+FIXTURE = FIXTURES / "compat_640dca3"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 
 

@@ -1,55 +1,90 @@
-"""Training on a real labeled folder (a few captcha_images_v2 images), eval from its checkpoint,
+"""Training on a labeled folder (the committed tiny_folder fixture), eval from its checkpoint,
 and fine-tuning with init_from across charsets."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from captcha_lit.training.builders import build_module, init_from_checkpoint, to_plain
 from captcha_lit.eval import evaluate
+from captcha_lit.predict import predict
 from captcha_lit.train import train
-from conftest import QUIET_TRAINER, REPO_ROOT, _compose
+from captcha_lit.training.builders import build_datamodule, build_module, init_from_checkpoint, to_plain
+from conftest import FIXTURES, QUIET_TRAINER, REPO_ROOT, _compose
 
+TINY_FOLDER = FIXTURES / "tiny_folder"
+CHARSET = "2345678abcdefghkmnprstuvwxyz"  # every character of the fixture's labels, sorted
 SHARED = REPO_ROOT.parent / "shared" / "datasets" / "captcha_images_v2"
-CHARSET = "2345678bcdefgmnpwxy"
 SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]
+TEST_KEYS = ("test/seq_acc", "test/char_acc", "test/cer", "test/pos_acc", "test/len_acc", "test/loss")
 
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not available")
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def _scores(preds: list[str], truths: list[str]) -> dict[str, float]:
+    """The test metrics, computed from the predicted and true texts alone."""
+    same_length = [(p, t) for p, t in zip(preds, truths) if len(p) == len(t)]
+    positions = sum(len(t) for _, t in same_length)
+    chars = sum(len(t) for t in truths)
+    return {
+        "test/seq_acc": sum(p == t for p, t in zip(preds, truths)) / len(truths),
+        "test/char_acc": sum(i < len(p) and p[i] == c for p, t in zip(preds, truths) for i, c in enumerate(t)) / chars,
+        "test/cer": sum(_edit_distance(p, t) for p, t in zip(preds, truths)) / chars,
+        "test/len_acc": len(same_length) / len(truths),
+        "test/pos_acc": sum(a == b for p, t in same_length for a, b in zip(p, t)) / positions if positions else 0.0,
+    }
 
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, cache_dir):
-    """One epoch on 40 copied captcha_images_v2 images plus one corrupt file, skipped and reported."""
+    """One epoch on a copy of tiny_folder (48 images, 4-6 characters) plus one corrupt file, skipped and reported."""
     images = tmp_path_factory.mktemp("captcha_images")
-    for name in sorted(os.listdir(SHARED))[:40]:
-        shutil.copyfile(SHARED / name, images / name)
+    for source in sorted(TINY_FOLDER.glob("*.png")):
+        shutil.copyfile(source, images / source.name)
     (images / "2b3c4.png").write_bytes(b"truncated")
     out = tmp_path_factory.mktemp("folder_run")
-    overrides = ["data=captcha_images_v2", f"data.path={images}", "data.skip_bad=true", f"data.cache_dir={cache_dir}",
-                 "data.batch_size=8", *QUIET_TRAINER, *SMALL_CRNN, "trainer.max_epochs=1", "logger=csv"]
+    overrides = ["data=folder", f"data.path={images}", "data.input_size=[32,96]", "data.skip_bad=true",
+                 f"data.cache_dir={cache_dir}", "data.batch_size=8", *QUIET_TRAINER, *SMALL_CRNN,
+                 "trainer.max_epochs=1", "logger=csv"]
     cfg = _compose("train", overrides, out)
     return cfg, train(cfg), out, images
 
 
-def test_folder_fit_writes_sequence_metrics(folder_run):
-    _, metrics, out, _ = folder_run
+def test_folder_fit_reports_the_metrics_of_its_test_files(folder_run, make_cfg, tmp_path):
+    """metrics.json holds what the best checkpoint reads on the test split's files, scored from
+    their names: predict on those files gives the same seq_acc, char_acc, CER, len_acc and pos_acc."""
+    _, metrics, out, images = folder_run
     on_disk = json.loads((out / "metrics.json").read_text())
-    for key in ("test/seq_acc", "test/char_acc", "test/cer", "test/pos_acc", "test/len_acc", "test/loss"):
-        assert isinstance(on_disk[key], float), key
-        assert on_disk[key] == pytest.approx(metrics[key])
-    assert on_disk["test/cer"] >= 0.0
-    assert 0.0 <= on_disk["test/len_acc"] <= 1.0 and 0.0 <= on_disk["test/pos_acc"] <= 1.0
+    for key in TEST_KEYS:
+        assert on_disk[key] == pytest.approx(metrics[key]), key
     assert on_disk["epochs"] == 1
-    # 40 good images: 8 test, 4 val, 28 train -> 3 full batches of 8
-    assert on_disk["global_step"] == 3
+    # 48 good images: 10 test, 5 val, 33 train -> 4 full batches of 8
+    assert on_disk["global_step"] == 4
 
-
+    state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    datamodule = build_datamodule(state["datamodule_hyper_parameters"])
+    datamodule.prepare_data()
+    test_files = datamodule.files["test"]
+    assert len(test_files) == 10
+    output = tmp_path / "test_split.json"
+    cfg = make_cfg("predict", [f"ckpt_path={metrics['best_ckpt']}", f"output={output}", "batch_size=64"])
+    cfg.inputs = [str(images / name) for name in test_files]
+    rows = predict(cfg)
+    preds = [row["text"] for row in rows]
+    truths = [Path(name).stem.split("_")[0] for name in test_files]
+    for key, value in _scores(preds, truths).items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), (key, preds, truths)
 def test_folder_fit_reports_bad_files(folder_run):
     _, _, out, _ = folder_run
     report = json.loads((out / "bad_files.json").read_text())
@@ -61,18 +96,18 @@ def test_folder_checkpoint_records_charset_and_source(folder_run):
     _, metrics, _, images = folder_run
     state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
     assert state["hyper_parameters"]["spec"]["charset"] == CHARSET
-    assert state["hyper_parameters"]["spec"]["input_size"] == [32, 128]
+    assert state["hyper_parameters"]["spec"]["input_size"] == [32, 96]
     data = state["datamodule_hyper_parameters"]
     assert data["source"] == "folder"
     assert data["path"] == str(images.resolve())
-    assert (data["charset"], data["min_length"], data["max_length"]) == (CHARSET, 5, 5)
+    assert (data["charset"], data["min_length"], data["max_length"]) == (CHARSET, 4, 6)  # inferred from the names
 
 
 def test_eval_rebuilds_the_folder_split(folder_run, make_cfg):
     _, metrics, _, _ = folder_run
     overrides = [f"ckpt_path={metrics['best_ckpt']}"]
     result = evaluate(make_cfg("eval", overrides, name="eval_folder"), overrides)
-    assert result["num_test"] == 8
+    assert result["num_test"] == 10
     for key in ("test/seq_acc", "test/cer", "test/pos_acc"):
         assert result[key] == pytest.approx(metrics[key], abs=1e-5), key
 
@@ -81,7 +116,7 @@ def test_init_from_maps_output_rows_by_character(folder_run, make_cfg):
     _, metrics, _, _ = folder_run
     old = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)["state_dict"]
     # Digits share 2-8 with the checkpoint's charset; 0, 1 and 9 are new.
-    cfg = make_cfg("train", [*SMALL_CRNN, "data.charset=0-9", "data.input_size=[32,128]", "data.grayscale=false"],
+    cfg = make_cfg("train", [*SMALL_CRNN, "data.charset=0-9", "data.input_size=[32,96]", "data.grayscale=false"],
                    name="finetune")
     module = build_module(cfg)
     fresh = module.net.classifier.weight.detach().clone()
@@ -103,14 +138,14 @@ def test_init_from_maps_output_rows_by_character(folder_run, make_cfg):
 
 def test_init_from_refuses_another_architecture(folder_run, make_cfg):
     _, metrics, _, _ = folder_run
-    cfg = make_cfg("train", ["model=cnn", "data.input_size=[32,128]"], name="finetune_cnn")
+    cfg = make_cfg("train", ["model=cnn", "data.input_size=[32,96]"], name="finetune_cnn")
     with pytest.raises(ValueError, match="holds a 'crnn' model, but this run builds 'cnn'"):
         init_from_checkpoint(build_module(cfg), metrics["best_ckpt"])
 
 
 def test_train_init_from_names_mismatched_settings(folder_run, make_cfg):
     _, metrics, _, _ = folder_run
-    cfg = make_cfg("train", [*SMALL_CRNN, "model.dim=48", "data.input_size=[32,128]", "debug=fast",
+    cfg = make_cfg("train", [*SMALL_CRNN, "model.dim=48", "data.input_size=[32,96]", "debug=fast",
                              f"init_from={metrics['best_ckpt']}"], name="finetune_dim")
     with pytest.raises(ValueError, match=r"does not match this run's.*model.dim=32 there, 48 here"):
         train(cfg)

@@ -22,7 +22,7 @@ class _Killed(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("data", ["cached", "streaming"])
+@pytest.mark.parametrize("data", ["cached", pytest.param("streaming", marks=pytest.mark.slow)])
 def test_killed_run_resumes_to_the_same_final_metrics(make_cfg, monkeypatch, data):
     overrides = SMALL + (["data.streaming=true", "data.num_workers=2"] if data == "streaming" else [])
     straight = train(make_cfg("train", overrides, name="straight"))
