@@ -245,10 +245,8 @@ CLI_CASES = {
     "charset": (["captcha_lit.train", "data.charset=AAB"], ["'AAB'", "duplicate", "'A'"]),
     "length": (["captcha_lit.train", "data.length=0"], ["length", "at least 1"]),
     "input_size": (["captcha_lit.train", "data.input_size=[8,8]"], ["[8, 8]", "too small"]),
-    "backbone": (["captcha_lit.train", "model.backbone=resnet"],
-                 ["model.stem=16, model.downsample=['pool_first', 'stride', 'stride', 'stride'], "
-                  "model.convs_per_stage=[2, 1, 1, 1] are for backbone=vgg",
-                  "model.stem=0 model.downsample=maxpool model.convs_per_stage=1", "model=crnn_resnet"]),
+    "model_option": (["captcha_lit.train", "+model.downsample=stride"],
+                     ["model 'crnn' has no option(s) downsample", "its options are: channels, dim, rnn"]),
     "eval_ckpt": (["captcha_lit.eval", "ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
 }
 

@@ -24,9 +24,8 @@ INFERENCE_BATCH = 256
 THROUGHPUT_MODELS = {
     "default": [],
     "cnn": ["model=cnn"],
-    "baseline_seed_cnn_64x160": ["model=cnn", "model.channels=[32,64,128,256]", "model.stem=0",
-                                 "model.downsample=maxpool", "model.convs_per_stage=1", "model.hidden=512",
-                                 "data.input_size=[64,160]", "data.grayscale=false", "augmentation=none"],
+    "baseline_seed_cnn_64x160": ["model=cnn_seed", "data.input_size=[64,160]", "data.grayscale=false",
+                                 "augmentation=none"],
 }
 
 

@@ -1,4 +1,10 @@
-"""The seed's design: conv + pool stages, fully connected layers, one softmax head per position."""
+"""The seed's design: conv + pool stages, then one fully connected softmax head per position.
+
+- ``cnn``: the default. A stride-2 stem convolution reads the full-resolution input and halves
+  it; each stage has two convolutions and max-pools 2x2 before its last batch norm and ReLU.
+- ``cnn_seed``: the seed project's own network (one conv-BN-ReLU-max-pool per stage, no stem,
+  a 512-wide hidden layer), for ``experiment=seed`` and the benchmarks' baseline.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (FlattenHeads, check_input_size, conv_stages, plain, stack_output_size,
-                                       stage_strides, strided_stem, total_downsample)
+from captcha_lit.models.layers import FlattenHeads, Stage, VGGBackbone, check_channels, check_input_size
 from captcha_lit.models.registry import register_model
 
 
@@ -17,19 +22,13 @@ class CaptchaCNN(nn.Module):
     # Every position's head reads the same flattened vector (see FlattenHeads).
     shared_position_features = True
 
-    def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int],
-                 convs_per_stage: int | Sequence[int], hidden: int, dropout: float, in_channels: int = 3, stem: int = 0,
-                 stem_stride: int = 2, downsample: str | Sequence[str] = "maxpool",
-                 strides: Sequence[Sequence[int]] | None = None, stem_norm: bool = True):
+    def __init__(self, backbone: VGGBackbone, num_classes: int, max_length: int, input_size: Sequence[int],
+                 hidden: int, dropout: float):
         super().__init__()
-        layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride, stem_norm)
-        strides = stage_strides(strides, len(channels))
-        stem_down = stem_stride if stem else 1
-        check_input_size("cnn", input_size, total_downsample(strides, stem_down))
-        layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)
-        self.backbone = nn.Sequential(*layers)
-        out_h, out_w = stack_output_size(self.backbone, input_size)
-        self.head = FlattenHeads(channels[-1] * out_h * out_w, num_classes, max_length, hidden, dropout)
+        check_input_size("cnn", input_size, backbone.downsample)
+        self.backbone = backbone.body
+        out_h, out_w = backbone.output_size(input_size)
+        self.head = FlattenHeads(backbone.out_channels * out_h * out_w, num_classes, max_length, hidden, dropout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, D): the features each position's classifier sees."""
@@ -43,9 +42,19 @@ class CaptchaCNN(nn.Module):
 
 
 @register_model("cnn", decoder="positional")
-def cnn(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 128),
-        convs_per_stage: int | Sequence[int] = 1, hidden: int = 512, dropout: float = 0.1, in_channels: int = 3,
-        stem: int = 0, stem_stride: int = 2, downsample: str | Sequence[str] = "maxpool",
-        strides: Sequence[Sequence[int]] | None = None, stem_norm: bool = True) -> CaptchaCNN:
-    return CaptchaCNN(num_classes, max_length, input_size, tuple(channels), convs_per_stage, hidden, dropout,
-                      int(in_channels), int(stem), int(stem_stride), plain(downsample), strides, stem_norm)
+def cnn(num_classes: int, max_length: int, input_size: Sequence[int], in_channels: int = 3,
+        channels: Sequence[int] = (16, 32, 64, 128), hidden: int = 0, dropout: float = 0.4) -> CaptchaCNN:
+    """``hidden``: the width of a shared fully connected layer before the heads; 0, none: each
+    head reads the flattened map. ``dropout``: on the flattened features (and the hidden layer)."""
+    channels = check_channels(channels)
+    stages = [Stage(width, (2, 2), convs=2, downsample="pool_first") for width in channels]
+    backbone = VGGBackbone(stages, in_channels, stem=channels[0], stem_norm=False)
+    return CaptchaCNN(backbone, num_classes, max_length, input_size, hidden, dropout)
+
+
+@register_model("cnn_seed", decoder="positional")
+def cnn_seed(num_classes: int, max_length: int, input_size: Sequence[int], in_channels: int = 3,
+             channels: Sequence[int] = (32, 64, 128, 256), hidden: int = 512, dropout: float = 0.3) -> CaptchaCNN:
+    channels = check_channels(channels)
+    backbone = VGGBackbone([Stage(width, (2, 2)) for width in channels], in_channels)
+    return CaptchaCNN(backbone, num_classes, max_length, input_size, hidden, dropout)

@@ -1,4 +1,15 @@
-"""CRNN: convolutional features, a sequence model (bidirectional GRU/LSTM or temporal convolutions), CTC."""
+"""CRNN: convolutional features, a sequence model over the width, CTC.
+
+Three registered designs share the head (a neck to one feature per column, temporal
+convolutions or a bidirectional GRU/LSTM, a linear classifier with CTC's blank last):
+
+- ``crnn``: the default. A stride-2 stem convolution reads the full-resolution input and halves
+  it; the first stage has two convolutions and max-pools (its fine shapes tell ``O`` from
+  ``0``), the later stages stride.
+- ``crnn_classic``: the classic CRNN (Shi et al.): conv-BN-ReLU-max-pool stages, optionally after
+  a stem. The recipes measured on it (varlen, captcha_images_v2) keep it.
+- ``crnn_resnet``: residual stages instead of plain ones.
+"""
 
 from __future__ import annotations
 
@@ -7,55 +18,37 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import Dropout, TemporalConv, VGGBackbone, check_input_size, plain
+from captcha_lit.models.layers import (Dropout, Stage, TemporalConv, VGGBackbone, check_channels, check_counts,
+                                       check_input_size, check_strides)
 from captcha_lit.models.registry import register_model
 from captcha_lit.models.resnet import ResNetBackbone, SequenceNeck
+
+RNNS = ("conv", "gru", "lstm")
 
 
 class CRNN(nn.Module):
     decoder = "ctc"
 
-    def __init__(self, num_classes: int, max_length: int, input_size: Sequence[int], backbone: str, channels, blocks,
-                 strides, dim: int, rnn: str, rnn_layers: int, dropout: float, stem: int = 0, stem_stride: int = 2,
-                 in_channels: int = 3, downsample: str | Sequence[str] = "maxpool",
-                 convs_per_stage: int | Sequence[int] = 1, stem_norm: bool = True):
+    def __init__(self, backbone: nn.Module, num_classes: int, max_length: int, input_size: Sequence[int], dim: int,
+                 rnn: str, rnn_layers: int, dropout: float):
         super().__init__()
-        if backbone == "vgg":
-            self.backbone = VGGBackbone(channels, strides, in_channels=in_channels, stem=stem, stem_stride=stem_stride,
-                                        downsample=downsample, convs_per_stage=convs_per_stage, stem_norm=stem_norm)
-        elif backbone == "resnet":
-            # Name every vgg-only option that is set, so that one fix works.
-            wrong = [(f"model.stem={stem}", "model.stem=0")] if stem else []
-            if downsample != "maxpool":
-                given = repr(downsample) if isinstance(downsample, str) else plain(downsample)
-                wrong.append((f"model.downsample={given}", "model.downsample=maxpool"))
-            if convs_per_stage != 1:
-                counts = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
-                wrong.append((f"model.convs_per_stage={counts}", "model.convs_per_stage=1"))
-            if wrong:
-                raise ValueError(f"{', '.join(given for given, _ in wrong)} {'is' if len(wrong) == 1 else 'are'} for "
-                                 "backbone=vgg; backbone=resnet has its own stem and strided residual blocks, so set "
-                                 + " ".join(fix for _, fix in wrong) + ", or use model=crnn_resnet")
-            self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
-        else:
-            raise ValueError(f"model.backbone={backbone!r}: use 'vgg' or 'resnet'")
-        check_input_size("crnn", input_size, self.backbone.downsample)
-        out_h, self.seq_len = self.backbone.output_size(input_size)
+        self.backbone = backbone
+        check_input_size("crnn", input_size, backbone.downsample)
+        out_h, self.seq_len = backbone.output_size(input_size)
         if self.seq_len < 2 * max_length + 1:
             raise ValueError(
-                f"data.input_size width {input_size[1]} gives model 'crnn' only {self.seq_len} time steps, but CTC "
-                f"needs at least 2*max_length+1 = {2 * max_length + 1} for {max_length} characters; widen the input "
-                "or reduce the width strides in model.strides"
+                f"data.input_size width {input_size[1]} gives the model only {self.seq_len} time steps, but CTC "
+                f"needs at least 2*max_length+1 = {2 * max_length + 1} for {max_length} characters; widen the input"
             )
-        self.neck = SequenceNeck(self.backbone.out_channels, out_h, dim, dropout)
-        if rnn_layers < 1:
-            raise ValueError(f"model.rnn_layers={rnn_layers}: the sequence model needs at least 1 layer")
+        self.neck = SequenceNeck(backbone.out_channels, out_h, dim, dropout)
+        if not isinstance(rnn_layers, int) or rnn_layers < 1:
+            raise ValueError(f"model.rnn_layers={rnn_layers!r}: the sequence model needs at least 1 layer")
+        if rnn not in RNNS:
+            raise ValueError(f"model.rnn={rnn!r}: use one of {', '.join(RNNS)}")
         if rnn == "conv":
             self.rnn = TemporalConv(dim, layers=rnn_layers)
         else:
-            rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM}.get(rnn)
-            if rnn_cls is None:
-                raise ValueError(f"model.rnn={rnn!r}: use 'gru', 'lstm' or 'conv'")
+            rnn_cls = nn.GRU if rnn == "gru" else nn.LSTM
             self.rnn = rnn_cls(dim, dim // 2, num_layers=rnn_layers, bidirectional=True, batch_first=True,
                                dropout=dropout if rnn_layers > 1 else 0.0)
         self.dropout = Dropout(dropout)
@@ -74,12 +67,43 @@ class CRNN(nn.Module):
 
 
 @register_model("crnn", decoder="ctc")
-def crnn(num_classes: int, max_length: int, input_size: Sequence[int], backbone: str = "vgg",
-         channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
-         strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), dim: int = 128, rnn: str = "conv",
-         rnn_layers: int = 2, dropout: float = 0.1, stem: int = 0, stem_stride: int = 2, in_channels: int = 3,
-         downsample: str | Sequence[str] = "maxpool", convs_per_stage: int | Sequence[int] = 1,
-         stem_norm: bool = True) -> CRNN:
-    return CRNN(num_classes, max_length, input_size, backbone, tuple(channels), tuple(blocks),
-                strides, dim, rnn, rnn_layers, dropout, int(stem), int(stem_stride),
-                int(in_channels), plain(downsample), convs_per_stage, stem_norm)
+def crnn(num_classes: int, max_length: int, input_size: Sequence[int], in_channels: int = 3,
+         channels: Sequence[int] = (16, 32, 64, 128), dim: int = 128, rnn: str = "conv", rnn_layers: int = 2,
+         dropout: float = 0.1) -> CRNN:
+    """``channels``: the stage widths (the stem has the first one). ``rnn``: ``conv`` (residual
+    temporal convolutions, the fastest on a CPU), ``gru`` or ``lstm`` (bidirectional)."""
+    channels = check_channels(channels)
+    # A 64-pixel-high input: stem 32, the first stage 16, then 8, 4, 2 rows; the width is halved twice.
+    stages = [Stage(channels[0], (2, 2), convs=2, downsample="pool_first")]
+    stages += [Stage(width, (2, 1), downsample="stride") for width in channels[1:]]
+    backbone = VGGBackbone(stages, in_channels, stem=channels[0], stem_norm=False)
+    return CRNN(backbone, num_classes, max_length, input_size, dim, rnn, rnn_layers, dropout)
+
+
+@register_model("crnn_classic", decoder="ctc")
+def crnn_classic(num_classes: int, max_length: int, input_size: Sequence[int], in_channels: int = 3,
+                 channels: Sequence[int] = (32, 64, 96, 128),
+                 strides: Sequence[Sequence[int]] = ((2, 2), (2, 2), (2, 1), (2, 1)), stem: int = 0, dim: int = 128,
+                 rnn: str = "gru", rnn_layers: int = 1, dropout: float = 0.2) -> CRNN:
+    """One conv-BN-ReLU-max-pool per stage, each pooling by its (h, w) ``strides``; ``stem`` > 0
+    puts a stride-2 convolution (with batch norm) of that width first."""
+    channels = check_channels(channels)
+    strides = check_strides(strides, len(channels))
+    if not isinstance(stem, int) or isinstance(stem, bool) or stem < 0:
+        raise ValueError(f"model.stem={stem!r}: the stem's width, or 0 for none")
+    backbone = VGGBackbone([Stage(width, stride) for width, stride in zip(channels, strides)], in_channels,
+                           stem=stem, stem_norm=True)
+    return CRNN(backbone, num_classes, max_length, input_size, dim, rnn, rnn_layers, dropout)
+
+
+@register_model("crnn_resnet", decoder="ctc")
+def crnn_resnet(num_classes: int, max_length: int, input_size: Sequence[int], in_channels: int = 3,
+                channels: Sequence[int] = (16, 32, 64, 128), blocks: Sequence[int] = (1, 1, 1, 1),
+                strides: Sequence[Sequence[int]] = ((2, 2), (2, 1), (2, 1), (2, 1)), dim: int = 128,
+                rnn: str = "conv", rnn_layers: int = 2, dropout: float = 0.1) -> CRNN:
+    """Residual stages (``blocks`` per stage, the first one strided by ``strides``) after the
+    ResNet stem (a conv and a 2x2 max-pool)."""
+    channels = check_channels(channels)
+    backbone = ResNetBackbone(channels, check_counts("blocks", blocks, len(channels)),
+                              check_strides(strides, len(channels)), in_channels=in_channels)
+    return CRNN(backbone, num_classes, max_length, input_size, dim, rnn, rnn_layers, dropout)

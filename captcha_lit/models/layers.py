@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,106 +33,84 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
-def strided_stem(in_ch: int, stem: int, stem_stride: int, norm: bool = True) -> list[nn.Module]:
-    """An optional strided first convolution (``stem`` channels; 0: none) that reads every pixel
-    of a large input and shrinks it by ``stem_stride``, so the layers after it cost less.
+def strided_stem(in_ch: int, width: int, norm: bool) -> nn.Module:
+    """A stride-2 first convolution with ``width`` channels that reads every pixel of a large input
+    and halves it, so the layers after it cost less.
 
     ``norm=False`` gives the convolution a bias instead of a batch norm: the input is already
     normalized, the next convolution's batch norm follows, and at the stem's full output size a
     batch norm is one of the costliest layers of a CPU training step (memory-bound)."""
-    if stem < 0 or stem_stride < 1:
-        raise ValueError(f"model.stem={stem}, model.stem_stride={stem_stride}: use stem >= 0 channels "
-                         "(0: no stem) and stem_stride >= 1")
-    if not isinstance(norm, bool):
-        raise ValueError(f"model.stem_norm={norm!r}: use true (a batch norm after the stem conv) or false (a bias)")
-    if not stem:
-        return []
     if norm:
-        return [conv_bn_relu(in_ch, stem, stride=stem_stride)]
-    return [nn.Sequential(nn.Conv2d(in_ch, stem, 3, stride=stem_stride, padding=1), nn.ReLU(inplace=True))]
+        return conv_bn_relu(in_ch, width, stride=2)
+    return nn.Sequential(nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.ReLU(inplace=True))
 
 
-DOWNSAMPLE = ("maxpool", "pool_first", "stride")
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a plain conv net: ``convs`` conv-BN-ReLUs with ``channels`` outputs, the last
+    of which shrinks the map by ``stride`` (h, w) the way ``downsample`` says:
 
-
-def downsampling_stage(in_ch: int, out_ch: int, stride: Sequence[int], downsample: str) -> list[nn.Module]:
-    """One conv-BN-ReLU stage that shrinks its input by ``stride`` (h, w).
-
-    ``maxpool``: the conv, batch norm and ReLU at full size, then max-pooling. ``pool_first``: the
-    conv at full size, then max-pooling, then batch norm and ReLU at the reduced size (the same
-    layers and parameters; max-pooling commutes with ReLU, and batch norm sees the pooled values).
-    ``stride``: the conv itself strides, so its output, batch norm and ReLU are all computed at the
-    reduced size. On a CPU the memory-bound batch norm and ReLU at the larger sizes cost more than
-    the convolutions: ``pool_first`` trains the default crnn about 1.15x and ``stride`` about 1.6x
-    as fast in a bare training-step loop, but ``stride`` learns less per image.
+    - ``maxpool``: the conv, batch norm and ReLU at full size, then max-pooling;
+    - ``pool_first``: the conv at full size, then max-pooling, then batch norm and ReLU at the
+      reduced size (the same layers and parameters; max-pooling commutes with ReLU), which on a
+      CPU saves the memory-bound batch norm and ReLU at the larger size;
+    - ``stride``: the conv itself strides, so everything after it runs at the reduced size. The
+      cheapest, but it learns less per image than pooling.
     """
-    if downsample not in DOWNSAMPLE:
-        raise ValueError(f"model.downsample={downsample!r}: use one of {', '.join(DOWNSAMPLE)}")
-    stride = (int(stride[0]), int(stride[1]))
-    if stride == (1, 1):
-        return [conv_bn_relu(in_ch, out_ch)]
-    if downsample == "stride":
-        return [conv_bn_relu(in_ch, out_ch, stride=stride)]
-    if downsample == "pool_first":
-        conv, norm, relu = conv_bn_relu(in_ch, out_ch)
-        return [nn.Sequential(conv, nn.MaxPool2d(stride), norm, relu)]
-    return [conv_bn_relu(in_ch, out_ch), nn.MaxPool2d(stride)]
+
+    channels: int
+    stride: tuple[int, int] = (2, 2)
+    convs: int = 1
+    downsample: str = "maxpool"
 
 
-def stage_downsample(downsample: str | Sequence[str], stages: int) -> list[str]:
-    """model.downsample: one mode for every stage, or one per stage (see ``downsampling_stage``)."""
-    _require_stages(stages)
-    if isinstance(downsample, str):
-        modes = [downsample] * stages
-    else:
-        modes = list(downsample) if _is_sequence(downsample) else None
-    if modes is None or len(modes) != stages or not all(m in DOWNSAMPLE for m in modes):
-        if isinstance(downsample, str):
-            raise ValueError(f"model.downsample={downsample!r}: use one of {', '.join(DOWNSAMPLE)}")
-        raise ValueError(f"model.downsample={plain(downsample)}: give one of {', '.join(DOWNSAMPLE)}, or {stages} of "
-                         f"them (one per stage of model.channels), e.g. {['pool_first'] + ['stride'] * (stages - 1)}")
-    return modes
+def conv_stages(in_ch: int, stages: Sequence[Stage]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for stage in stages:
+        for _ in range(stage.convs - 1):
+            layers.append(conv_bn_relu(in_ch, stage.channels))
+            in_ch = stage.channels
+        stride = tuple(stage.stride)
+        if stride == (1, 1):
+            layers.append(conv_bn_relu(in_ch, stage.channels))
+        elif stage.downsample == "stride":
+            layers.append(conv_bn_relu(in_ch, stage.channels, stride=stride))
+        elif stage.downsample == "pool_first":
+            conv, norm, relu = conv_bn_relu(in_ch, stage.channels)
+            layers.append(nn.Sequential(conv, nn.MaxPool2d(stride), norm, relu))
+        else:
+            layers += [conv_bn_relu(in_ch, stage.channels), nn.MaxPool2d(stride)]
+        in_ch = stage.channels
+    return layers
 
 
-def per_stage(convs_per_stage: int | Sequence[int], stages: int) -> list[int]:
-    """model.convs_per_stage: one count for every stage, or one per stage (>= 1 each)."""
-    _require_stages(stages)
-    counts = [int(convs_per_stage)] * stages if isinstance(convs_per_stage, int) else [int(c) for c in convs_per_stage]
-    if len(counts) != stages or min(counts) < 1:
-        given = convs_per_stage if isinstance(convs_per_stage, int) else list(convs_per_stage)
-        raise ValueError(f"model.convs_per_stage={given}: use one count >= 1, or {stages} of them "
-                         f"(one per stage of model.channels)")
-    return counts
+def check_channels(channels) -> tuple[int, ...]:
+    """model.channels: one width >= 1 per stage."""
+    if not _is_sequence(channels) or not channels or not all(_is_count(c) for c in channels):
+        raise ValueError(f"model.channels={_plain(channels)}: give one width >= 1 per stage, e.g. [16, 32, 64, 128]")
+    return tuple(channels)
 
 
-def stage_strides(strides: Sequence[Sequence[int]] | None, stages: int) -> list[tuple[int, int]]:
-    """model.strides: one (h, w) pooling factor per stage; None: (2, 2) at every stage."""
-    _require_stages(stages)
-    if strides is None:
-        return [(2, 2)] * stages
-    pairs = [tuple(s) for s in strides if _is_sequence(s) and len(s) == 2 and all(_is_count(v) for v in s)]
+def check_strides(strides, stages: int) -> tuple[tuple[int, int], ...]:
+    """model.strides: one [h, w] pair of integers >= 1 per stage of model.channels."""
+    pairs = [tuple(s) for s in strides if _is_sequence(s) and len(s) == 2 and all(_is_count(v) for v in s)] \
+        if _is_sequence(strides) else []
     if len(pairs) != stages or len(pairs) != len(strides):
-        raise ValueError(f"model.strides={plain(strides)}: give {stages} [h, w] pairs of integers >= 1, one per "
+        raise ValueError(f"model.strides={_plain(strides)}: give {stages} [h, w] pairs of integers >= 1, one per "
                          f"stage of model.channels, e.g. {[[2, 2]] * stages}")
-    return pairs
+    return tuple(pairs)
 
 
-def stage_counts(blocks: Sequence[int], stages: int) -> list[int]:
-    """model.blocks: one count >= 1 per stage."""
-    _require_stages(stages)
-    if not _is_sequence(blocks) or len(blocks) != stages or not all(_is_count(n) for n in blocks):
-        raise ValueError(f"model.blocks={plain(blocks)}: give {stages} counts >= 1, one per stage of model.channels")
-    return list(blocks)
+def check_counts(name: str, counts, stages: int) -> tuple[int, ...]:
+    """model.blocks and the like: one count >= 1 per stage."""
+    if not _is_sequence(counts) or len(counts) != stages or not all(_is_count(n) for n in counts):
+        raise ValueError(f"model.{name}={_plain(counts)}: give {stages} counts >= 1, one per stage of model.channels")
+    return tuple(counts)
 
 
 def total_downsample(strides: Sequence[Sequence[int]], first: int = 1) -> tuple[int, int]:
     """(h, w) factor by which a stack shrinks its input: ``first`` (a stem's) times every stage's stride."""
     return first * math.prod(s[0] for s in strides), first * math.prod(s[1] for s in strides)
-
-
-def _require_stages(stages: int) -> None:
-    if stages < 1:
-        raise ValueError("model.channels is empty: give at least one stage, e.g. model.channels=[16,32,64,128]")
 
 
 def _is_sequence(value) -> bool:
@@ -143,27 +122,9 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def plain(value):
-    """A config value with its sequences as plain lists, for messages and builder arguments."""
-    if not _is_sequence(value):
-        return value
-    return [plain(v) for v in value]
-
-
-def conv_stages(in_ch: int, channels: Sequence[int], strides: Sequence[Sequence[int]],
-                convs_per_stage: int | Sequence[int], downsample: str | Sequence[str]) -> list[nn.Module]:
-    """The stages of a plain conv net: in each, ``convs - 1`` conv-BN-ReLUs at the stage's input
-    size, then one that shrinks it by the stage's (h, w) stride, the way that stage's
-    ``downsample`` mode says (one for all stages or one per stage; see ``downsampling_stage``)."""
-    layers: list[nn.Module] = []
-    modes = stage_downsample(downsample, len(channels))
-    for ch, stride, convs, mode in zip(channels, strides, per_stage(convs_per_stage, len(channels)), modes):
-        for _ in range(convs - 1):
-            layers.append(conv_bn_relu(in_ch, ch))
-            in_ch = ch
-        layers += downsampling_stage(in_ch, ch, stride, mode)
-        in_ch = ch
-    return layers
+def _plain(value):
+    """A config value with its sequences as plain lists, for messages."""
+    return [_plain(v) for v in value] if _is_sequence(value) else value
 
 
 def stack_output_size(stack: nn.Module | Sequence[nn.Module], input_size: Sequence[int]) -> tuple[int, int]:
@@ -255,26 +216,16 @@ class FlattenHeads(nn.Module):
 
 
 class VGGBackbone(nn.Module):
-    """Conv-BN-ReLU stages (``convs_per_stage``, one by default), each shrinking its input by that
-    stage's (h, w) stride, by max-pooling or by a strided convolution (``downsample``, see
-    ``downsampling_stage``).
+    """Plain conv stages (see ``Stage``), after an optional stride-2 stem convolution
+    (``stem`` channels; 0: none; see ``strided_stem``)."""
 
-    With ``stem > 0``, a strided stem convolution with that many channels comes first: it reads
-    the full-resolution input and halves it (``stem_stride``), so that a large input costs about
-    what a small one would, while the first filters still see every pixel.
-    """
-
-    def __init__(self, channels: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int = 3,
-                 stem: int = 0, stem_stride: int = 2, downsample: str | Sequence[str] = "maxpool",
-                 convs_per_stage: int | Sequence[int] = 1, stem_norm: bool = True):
+    def __init__(self, stages: Sequence[Stage], in_channels: int, stem: int = 0, stem_norm: bool = True):
         super().__init__()
-        strides = stage_strides(strides, len(channels))
-        layers: list[nn.Module] = strided_stem(in_channels, stem, stem_stride, stem_norm)
-        stem_down = stem_stride if stem else 1
-        layers += conv_stages(stem or in_channels, channels, strides, convs_per_stage, downsample)
+        layers: list[nn.Module] = [strided_stem(in_channels, stem, stem_norm)] if stem else []
+        layers += conv_stages(stem or in_channels, stages)
         self.body = nn.Sequential(*layers)
-        self.out_channels = channels[-1]
-        self.downsample = total_downsample(strides, stem_down)
+        self.out_channels = stages[-1].channels
+        self.downsample = total_downsample([stage.stride for stage in stages], 2 if stem else 1)
 
     def output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
         return stack_output_size(self.body, input_size)

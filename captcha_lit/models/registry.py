@@ -54,6 +54,22 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+# Set by the data, not by the model config.
+_DATA_ARGUMENTS = ("num_classes", "max_length", "input_size", "in_channels")
+
+
+def model_options(name: str) -> dict:
+    """A registered model's options and their defaults, read from its builder: the one source of
+    the model configs (``model=NAME`` composes these, see ``captcha_lit.training.builders``)."""
+    _check_name(name)
+    return {p.name: _plain(p.default) for p in inspect.signature(_MODELS[name]).parameters.values()
+            if p.name not in _DATA_ARGUMENTS and p.default is not inspect.Parameter.empty}
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
 def get_model(name: str, **kwargs) -> nn.Module:
     _check_name(name)
     builder = _MODELS[name]
@@ -63,6 +79,6 @@ def get_model(name: str, **kwargs) -> nn.Module:
         if unknown:
             raise ValueError(
                 f"model {name!r} has no option(s) {', '.join(unknown)}; its options are: "
-                f"{', '.join(p for p in params if p not in ('num_classes', 'max_length', 'input_size', 'in_channels'))}"
+                f"{', '.join(p for p in params if p not in _DATA_ARGUMENTS)}"
             )
     return builder(**kwargs)

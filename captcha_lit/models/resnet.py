@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import (Dropout, FlattenHeads, PositionAttentionHead, check_input_size, conv_bn_relu,
-                                       stack_output_size, stage_counts, stage_strides, total_downsample)
+from captcha_lit.models.layers import (Dropout, FlattenHeads, PositionAttentionHead, check_channels, check_counts,
+                                       check_input_size, check_strides, conv_bn_relu, stack_output_size,
+                                       total_downsample)
 from captcha_lit.models.registry import register_model
 
 
@@ -39,8 +40,6 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, channels: Sequence[int], blocks: Sequence[int], strides: Sequence[Sequence[int]], in_channels: int = 3):
         super().__init__()
-        strides = stage_strides(strides, len(channels))
-        blocks = stage_counts(blocks, len(channels))
         self.stem = nn.Sequential(conv_bn_relu(in_channels, channels[0]), nn.MaxPool2d(2))
         stages = []
         prev = channels[0]
@@ -111,5 +110,6 @@ class CaptchaResNet(nn.Module):
 def resnet(num_classes: int, max_length: int, input_size: Sequence[int], channels: Sequence[int] = (32, 64, 128, 192),
            blocks: Sequence[int] = (1, 1, 1, 1), strides: Sequence[Sequence[int]] = ((1, 1), (2, 2), (2, 1), (2, 1)),
            dim: int = 192, head: str = "attention", dropout: float = 0.1, in_channels: int = 3) -> CaptchaResNet:
-    return CaptchaResNet(num_classes, max_length, input_size, tuple(channels), tuple(blocks),
-                         strides, dim, head, dropout, int(in_channels))
+    channels = check_channels(channels)
+    return CaptchaResNet(num_classes, max_length, input_size, channels, check_counts("blocks", blocks, len(channels)),
+                         check_strides(strides, len(channels)), dim, head, dropout, int(in_channels))

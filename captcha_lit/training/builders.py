@@ -29,6 +29,25 @@ if not OmegaConf.has_resolver("captcha_lit.datasets"):
     OmegaConf.register_new_resolver("captcha_lit.datasets", _datasets_path)
 
 
+def register_model_configs() -> None:
+    """``model=NAME`` for every registered model: its builder's options and defaults (the one source
+    of them), plus the decoding option of its kind (CTC's beam width, or per-position label smoothing)."""
+    from hydra.core.config_store import ConfigStore
+
+    from captcha_lit.models import list_models, model_decoder, model_options
+    from captcha_lit.training.module import CaptchaModule
+
+    beam_width = ModelSpec.__dataclass_fields__["beam_width"].default
+    label_smoothing = inspect.signature(CaptchaModule.__init__).parameters["label_smoothing"].default
+    store = ConfigStore.instance()
+    for name in list_models():
+        decoding = {"beam_width": beam_width} if model_decoder(name) == "ctc" else {"label_smoothing": label_smoothing}
+        store.store(group="model", name=name, node={"name": name, **model_options(name), **decoding})
+
+
+register_model_configs()
+
+
 def to_plain(node: Any) -> Any:
     """DictConfig/ListConfig -> plain dicts and lists (resolved), for checkpoints and JSON."""
     if isinstance(node, (DictConfig,)) or OmegaConf.is_config(node):
@@ -186,7 +205,7 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
     their trained rows, new characters keep their fresh initialization. Returns a summary.
     """
     state = load_checkpoint_dict(path)
-    theirs, hp = checkpoint_spec(state, f"init_from={str(path)!r}"), state["hyper_parameters"]
+    theirs = checkpoint_spec(state, f"init_from={str(path)!r}")
     ours = module.spec
     if theirs.arch != ours.arch:
         raise ValueError(
@@ -220,7 +239,7 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
                 mapped.select(dim, j).copy_(old.select(dim, old_index[name]))
         loaded[key] = mapped
     if mismatched:
-        their_kwargs, our_kwargs = hp.get("model_kwargs") or {}, module.hparams.model_kwargs
+        their_kwargs, our_kwargs = module_hparams(state, str(path))["model_kwargs"], module.hparams.model_kwargs
         differing = [f"model.{k}={their_kwargs.get(k)!r} there, {our_kwargs.get(k)!r} here"
                      for k in sorted(set(their_kwargs) | set(our_kwargs)) if their_kwargs.get(k) != our_kwargs.get(k)]
         for key in ("input_size", "max_length"):
@@ -263,13 +282,18 @@ def load_checkpoint_dict(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint {str(ckpt)!r} is corrupt or not a PyTorch checkpoint ({type(exc).__name__})") from None
 
 
-def _legacy_spec(hp: dict) -> dict:
-    """The spec of a checkpoint written before specs existed (its fields sat in the hyperparameters)."""
+def _legacy_hparams(hp: dict) -> dict:
+    """The arguments of a checkpoint written before specs existed (up to commit 640dca3): its spec's
+    fields sat in the hyperparameters, and its design was a set of options of ``crnn`` or ``cnn``."""
     from captcha_lit.models import model_decoder
+    from captcha_lit.models.legacy import upgrade
 
-    return {"charset": hp["charset"], "min_length": hp["min_length"], "max_length": hp["max_length"],
+    arch, model_kwargs = upgrade(hp["arch"], dict(hp.get("model_kwargs") or {}))
+    spec = {"charset": hp["charset"], "min_length": hp["min_length"], "max_length": hp["max_length"],
             "input_size": tuple(hp["input_size"]), "mean": tuple(hp["mean"]), "std": tuple(hp["std"]),
-            "decoder": model_decoder(hp["arch"]), "arch": hp["arch"], "beam_width": int(hp.get("beam_width", 1))}
+            "decoder": model_decoder(arch), "arch": arch, "beam_width": int(hp.get("beam_width", 1))}
+    return {"spec": spec, "model_kwargs": model_kwargs,
+            **{k: hp[k] for k in ("optimizer", "scheduler", "augmentation", "channels_last", "label_smoothing") if k in hp}}
 
 
 def module_hparams(state: dict, source: str) -> dict:
@@ -279,11 +303,11 @@ def module_hparams(state: dict, source: str) -> dict:
     hp = dict(state["hyper_parameters"])
     if "spec" not in hp:
         try:
-            spec = _legacy_spec(hp)
+            hp = _legacy_hparams(hp)
         except KeyError as exc:
             raise ValueError(f"{source} is not a captcha_lit checkpoint (its hyperparameters lack {exc})") from None
-        hp = {"spec": spec, **{k: hp[k] for k in ("model_kwargs", "optimizer", "scheduler", "augmentation",
-                                                 "channels_last", "label_smoothing") if k in hp}}
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
     return hp
 
 

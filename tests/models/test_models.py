@@ -1,4 +1,5 @@
-"""The model registry and the architectures: output shapes, downsampling, stems, blocks and named errors."""
+"""The model registry and the architectures: output shapes, the fixed designs, model configs, old checkpoints
+and named errors."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ NUM_CLASSES, MAX_LEN, INPUT = 36, 5, (32, 96)
 
 
 def test_builtin_models_are_registered():
-    assert {"cnn", "crnn", "resnet"} <= set(list_models())
-    assert model_decoder("cnn") == "positional"
-    assert model_decoder("resnet") == "positional"
-    assert model_decoder("crnn") == "ctc"
+    assert {"cnn", "cnn_seed", "crnn", "crnn_classic", "crnn_resnet", "resnet"} <= set(list_models())
+    assert {name: model_decoder(name) for name in ("cnn", "cnn_seed", "resnet", "crnn", "crnn_classic")} == {
+        "cnn": "positional", "cnn_seed": "positional", "resnet": "positional", "crnn": "ctc", "crnn_classic": "ctc"}
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -72,193 +72,135 @@ def test_crnn_sequence_models_lower_ctc_loss(rnn):
     assert loss_fn().item() < first.item()
 
 
-def test_crnn_strided_stem_reads_full_resolution():
-    # A 48x128 input with a stride-2 stem gives the same time steps as 24x64 without one.
+def _layers(net, kind) -> list:
+    return [m for m in net.modules() if isinstance(m, kind)]
+
+
+def test_default_crnn_design_reads_full_resolution_in_40_steps():
+    # 64x160 gray: the stem halves it, the first stage pools 2x2, the later ones stride the height.
+    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1).eval()
+    stem = net.backbone.body[0]
+    assert stem[0].stride == (2, 2) and stem[0].bias is not None and not _layers(stem, torch.nn.BatchNorm2d)
+    assert [m.kernel_size for m in _layers(net.backbone, torch.nn.MaxPool2d)] == [(2, 2)]
+    strided = [m.stride for m in _layers(net.backbone, torch.nn.Conv2d)[1:] if m.stride != (1, 1)]
+    assert strided == [(2, 1)] * 3
+    assert net.seq_len == 40 and net.backbone.output_size((64, 160)) == (2, 40)
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 64, 160)).shape == (2, 40, NUM_CLASSES + 1)
+
+
+def test_pool_first_normalizes_the_pooled_map():
+    # The first stage max-pools between its conv and its batch norm: the norm runs at the pooled size.
+    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1)
+    sizes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            sizes[name] = tuple(output.shape[2:])
+        return hook
+
+    hooks = [m.register_forward_hook(record(name))
+             for name, m in net.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        net.eval()(torch.randn(1, 1, 64, 160))
+    for hook in hooks:
+        hook.remove()
+    assert list(sizes.values())[:2] == [(32, 80), (16, 40)]  # the first conv at 32x80, the pooled one at 16x40
+
+
+def test_cnn_designs():
+    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1)
+    cnn = get_model("cnn", **kwargs)
+    # The stem halves 64x160, four stages of 2x2 pooling end at 2x5, which every head reads.
+    assert len(_layers(cnn.backbone, torch.nn.Conv2d)) == 1 + 4 * 2
+    assert cnn.head.heads[0].in_features == 128 * 2 * 5 and cnn.head.fc[1].p == 0.4
+    seed = get_model("cnn_seed", **kwargs)
+    assert len(_layers(seed.backbone, torch.nn.Conv2d)) == 4  # no stem, one conv per stage
+    assert seed.head.fc[2].in_features == 256 * 4 * 10 and seed.head.heads[0].in_features == 512
+    with torch.no_grad():
+        for net in (cnn, seed):
+            assert net.eval()(torch.randn(2, 1, 64, 160)).shape == (2, MAX_LEN, NUM_CLASSES)
+    with pytest.raises(ValueError, match=re.escape("use at least [32, 32]")):
+        get_model("cnn", **{**kwargs, "input_size": (24, 160)})
+
+
+def test_crnn_classic_stem_and_strides():
     stem = dict(stem=24, channels=[32, 64, 128], strides=[[2, 2], [2, 1], [3, 1]])
-    net = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), **stem)
-    assert net.backbone.downsample == (24, 4)
-    assert net.seq_len == 32
+    net = get_model("crnn_classic", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), **stem)
+    assert net.backbone.downsample == (24, 4) and net.seq_len == 32
+    assert len(_layers(net.backbone, torch.nn.MaxPool2d)) == 3
     with torch.no_grad():
         assert net.eval()(torch.randn(1, 3, 48, 128)).shape == (1, 32, NUM_CLASSES + 1)
     with pytest.raises(ValueError, match="too small"):
-        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(16, 128), **stem)
+        get_model("crnn_classic", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(16, 128), **stem)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"model.stem={bad!r}: the stem's width, or 0 for none")):
+            get_model("crnn_classic", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), stem=bad)
 
 
-def test_cnn_strided_stem_halves_the_input_once():
-    # The default cnn reads 64x160 gray: the stem halves it, four stages of 2x2 pooling end at 2x5.
-    net = get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1)
-    assert net.head.fc[2].in_features == 128 * 2 * 5
+@pytest.mark.parametrize("name", ["crnn", "crnn_classic", "crnn_resnet", "cnn", "cnn_seed", "resnet"])
+@pytest.mark.parametrize("size", [(64, 160), (63, 160), (65, 161), (50, 130)])
+def test_odd_input_sizes_build_the_layers_they_run(name, size):
+    # A padded strided convolution (and a strided residual block) rounds an odd size up where
+    # max-pooling rounds it down; the heads and the CTC length must follow the real feature map.
+    net = get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1).eval()
     with torch.no_grad():
-        assert net.eval()(torch.randn(2, 1, 64, 160)).shape == (2, MAX_LEN, NUM_CLASSES)
-    with pytest.raises(ValueError, match=re.escape("use at least [32, 32]")):
-        get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(24, 160), stem=16)
-    with pytest.raises(ValueError, match=re.escape("model.stem=-1")):
-        get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=-1)
+        out = net(torch.randn(2, 1, *size))
+    assert out.shape == ((2, net.seq_len, NUM_CLASSES + 1) if net.decoder == "ctc" else (2, MAX_LEN, NUM_CLASSES))
 
 
-def test_cnn_strides_keep_the_width_for_the_heads():
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1)
-    square = get_model("cnn", **kwargs)
-    wide = get_model("cnn", strides=[[2, 2], [2, 2], [2, 2], [2, 1]], **kwargs)
-    # The last stage pools only the height: its 2x10 map, not 2x5, reaches the fully connected layer.
-    assert wide.head.fc[2].in_features == 128 * 2 * 10 == 2 * square.head.fc[2].in_features
-    pools = [m.kernel_size for m in wide.backbone.modules() if isinstance(m, torch.nn.MaxPool2d)]
-    assert pools == [(2, 2), (2, 2), (2, 2), (2, 1)]
-    with torch.no_grad():
-        assert wide.eval()(torch.randn(2, 1, 64, 160)).shape == (2, MAX_LEN, NUM_CLASSES)
-    # The size check follows the strides: 2 * 2^4 rows, but 2 * 2^3 columns.
-    with pytest.raises(ValueError, match=re.escape("it downsamples by 32x16, so use at least [32, 16]")):
-        get_model("cnn", strides=[[2, 2], [2, 2], [2, 2], [2, 1]], **{**kwargs, "input_size": (16, 160)})
-    for bad in ([[2, 2]], [[2, 2], [2, 2], [2, 2], [2]], [2, 2, 2, 2], [[2, 2], [2, 2], [2, 2], [0, 1]]):
-        with pytest.raises(ValueError, match=re.escape(f"model.strides={bad}: give 4 [h, w] pairs of integers >= 1")):
-            get_model("cnn", strides=bad, **kwargs)
+@pytest.mark.parametrize("name", list_models())
+def test_model_config_is_the_builders_defaults(name, make_cfg):
+    """``model=NAME`` composes the builder's own options and defaults, and builds the same network."""
+    from captcha_lit.models import model_options
+    from captcha_lit.training.builders import build_module
 
-
-@pytest.mark.parametrize("name, options", [
-    ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]])),
-    ("cnn", dict(stem=16)),
-])
-def test_strided_downsampling_keeps_the_output_and_drops_the_pools(name, options):
-    # model.downsample=stride swaps each conv + max-pool for one strided conv: the same feature-map
-    # sizes (so the same heads and time steps), no pooling layer, and still a model that learns.
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, **options)
-    pooled = get_model(name, **kwargs)
-    strided = get_model(name, downsample="stride", **kwargs)
-    x = torch.randn(4, 1, 64, 160)
-    with torch.no_grad():
-        assert strided.eval()(x).shape == pooled.eval()(x).shape
-    assert any(isinstance(m, torch.nn.MaxPool2d) for m in pooled.modules())
-    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in strided.modules())
-    _assert_learns(name, strided, x)
-
-
-def _assert_learns(name, net, x):
-    """A few Adam steps on one batch of random targets cut the model's loss by 30%."""
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    target = torch.randint(0, NUM_CLASSES, (len(x), MAX_LEN))
-
-    def loss_now():
-        out = net(x)
-        if name == "crnn":  # CTC over the time steps, blank = class 0
-            logp = out.log_softmax(-1).transpose(0, 1)
-            return torch.nn.functional.ctc_loss(logp, target + 1, torch.full((len(x),), logp.shape[0]),
-                                                torch.full((len(x),), MAX_LEN))
-        return torch.nn.functional.cross_entropy(out.reshape(-1, NUM_CLASSES), target.reshape(-1))
-
-    first = loss_now()
-    for _ in range(15):
-        opt.zero_grad()
-        loss = loss_now()
-        loss.backward()
-        opt.step()
-    assert loss_now().item() < first.item() * 0.7
-
-
-@pytest.mark.parametrize("name, options, full_size_norms, out_size", [
-    ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]]), (2, 1), (2, 40)),  # the stem's and stage 1's
-    ("cnn", dict(stem=16, convs_per_stage=2), (3, 2), (2, 5)),  # the stem's and stage 1's two
-])
-def test_pool_first_normalizes_the_pooled_map(name, options, full_size_norms, out_size):
-    # model.downsample=pool_first keeps the same layers and parameters as maxpool, but each stage's
-    # last batch norm and ReLU run after its max-pooling, at the reduced size.
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, **options)
-    pooled = get_model(name, **kwargs).eval()
-    early = get_model(name, downsample="pool_first", **kwargs).eval()
-    assert [p.shape for p in early.parameters()] == [p.shape for p in pooled.parameters()]
-
-    def norm_input_sizes(net):
-        sizes = []
-        hooks = [m.register_forward_pre_hook(lambda _, inputs: sizes.append(tuple(inputs[0].shape[-2:])))
-                 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        with torch.no_grad():
-            out = net(x)
-        for h in hooks:
-            h.remove()
-        return sizes, out.shape
-
-    x = torch.randn(4, 1, 64, 160)
-    (pooled_sizes, pooled_shape), (early_sizes, early_shape) = norm_input_sizes(pooled), norm_input_sizes(early)
-    assert early_shape == pooled_shape
-    assert (pooled_sizes.count((32, 80)), early_sizes.count((32, 80))) == full_size_norms
-    assert len(early_sizes) == len(pooled_sizes)
-    # the last stage normalizes the backbone's output; with maxpool, the map before its last pool
-    assert early_sizes[-1] == out_size and pooled_sizes[-1] != out_size
-    _assert_learns(name, early, x)
-
-
-@pytest.mark.parametrize("name, options", [
-    ("crnn", dict(stem=16, strides=[[2, 2], [2, 1], [2, 1], [2, 1]], convs_per_stage=[2, 1, 1, 1])),
-    ("cnn", dict(stem=16, convs_per_stage=2)),
-])
-def test_downsample_per_stage(name, options):
-    # One mode per stage: here the first stage max-pools (pool_first) and the later ones stride,
-    # with the same feature map (heads, time steps) as one mode for all.
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, **options)
-    mixed = get_model(name, downsample=["pool_first", "stride", "stride", "stride"], **kwargs)
-    uniform = get_model(name, downsample="pool_first", **kwargs)
-    x = torch.randn(4, 1, 64, 160)
-    with torch.no_grad():
-        assert mixed.eval()(x).shape == uniform.eval()(x).shape
-    pools = [m for m in mixed.modules() if isinstance(m, torch.nn.MaxPool2d)]
-    assert len(pools) == 1 and pools[0].kernel_size == (2, 2)
-    strided = [m for m in mixed.modules() if isinstance(m, torch.nn.Conv2d) and m.stride != (1, 1)]
-    assert [m.stride for m in strided] == [(2, 2)] + ([(2, 1)] * 3 if name == "crnn" else [(2, 2)] * 3)
-    # one mode for every stage is the same as naming it per stage
-    same = get_model(name, downsample=["pool_first"] * 4, **kwargs)
-    assert [type(m) for m in same.modules()] == [type(m) for m in uniform.modules()]
-    _assert_learns(name, mixed, x)
-
-
-@pytest.mark.parametrize("bad", [["pool_first", "stride"], ["pool_first", "stride", "stride", "avgpool"],
-                                 [1, 2, 3, 4], 5])
-def test_downsample_per_stage_errors_are_named(bad):
-    for name in ("crnn", "cnn"):
-        with pytest.raises(ValueError, match=re.escape(
-                f"model.downsample={bad}: give one of maxpool, pool_first, stride, or 4 of them (one per stage")):
-            get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), downsample=bad)
-    with pytest.raises(ValueError, match=re.escape("model.downsample=['pool_first', 'stride'] is for backbone=vgg")):
-        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), backbone="resnet",
-                  downsample=["pool_first", "stride"])
-
-
-def test_cnn_heads_read_the_flattened_map_without_a_hidden_layer():
-    # model.hidden=0: each position's softmax head is one linear layer over the flattened 2x5 map.
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1)
-    net = get_model("cnn", hidden=0, **kwargs)
-    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d)) for m in net.head.fc.modules())
-    assert [(h.in_features, h.out_features) for h in net.head.heads] == [(128 * 2 * 5, NUM_CLASSES)] * MAX_LEN
-    hidden = get_model("cnn", hidden=64, **kwargs)
-    assert [h.in_features for h in hidden.head.heads] == [64] * MAX_LEN
-    x = torch.randn(4, 1, 64, 160)
-    assert net.forward_features(x).shape == (4, MAX_LEN, 128 * 2 * 5)
-    _assert_learns("cnn", net, x)
-    with pytest.raises(ValueError, match=re.escape("model.hidden=-1: use a width >= 1, or 0")):
-        get_model("cnn", hidden=-1, **kwargs)
+    cfg = make_cfg("train", [f"model={name}"])
+    options = {k: v for k, v in dict(cfg.model).items() if k not in ("name", "beam_width", "label_smoothing")}
+    assert cfg.model.name == name and options == model_options(name)
+    assert ("beam_width" in cfg.model) == (model_decoder(name) == "ctc")
+    built = build_module(cfg).net
+    assert type(built) is type(get_model(name, num_classes=1, max_length=5, input_size=(64, 160)))
 
 
 @pytest.mark.parametrize("name", ["crnn", "cnn"])
-def test_stem_without_norm(name):
-    # model.stem_norm=false: the stem conv gets a bias and no batch norm; the default keeps it,
-    # so that checkpoints saved before the option existed rebuild the same layers.
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), in_channels=1, stem=16)
-    normed, plain = get_model(name, **kwargs), get_model(name, stem_norm=False, **kwargs)
-    body = normed.backbone.body if name == "crnn" else normed.backbone
-    plain_body = plain.backbone.body if name == "crnn" else plain.backbone
-    assert isinstance(body[0][1], torch.nn.BatchNorm2d) and body[0][0].bias is None
-    assert [type(m) for m in plain_body[0]] == [torch.nn.Conv2d, torch.nn.ReLU] and plain_body[0][0].bias is not None
-    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in normed.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == norms - 1
-    x = torch.randn(4, 1, 64, 160)
-    _assert_learns(name, plain, x)
+def test_removed_design_options_are_named(name):
+    with pytest.raises(ValueError, match=r"no option\(s\) downsample, stem_norm; its options are: channels"):
+        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), downsample="stride",
+                  stem_norm=True)
 
 
-@pytest.mark.parametrize("name", ["crnn", "cnn"])
-@pytest.mark.parametrize("bad", ["no", 0, None])
-def test_stem_norm_must_be_a_bool(name, bad):
-    # bool("no") is True: a typo must not silently pick a layer
-    with pytest.raises(ValueError, match=re.escape(f"model.stem_norm={bad!r}: use true")):
-        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, stem_norm=bad)
+@pytest.mark.parametrize("arch, old, new", [
+    # the shipped recipes of commit 640dca3, as their checkpoints record them
+    ("crnn", {"stem": 16, "stem_norm": False, "downsample": ["pool_first", "stride", "stride", "stride"],
+              "convs_per_stage": [2, 1, 1, 1], "strides": [[2, 2], [2, 1], [2, 1], [2, 1]], "channels": [16, 32, 64, 128],
+              "backbone": "vgg", "blocks": [1, 1, 1, 1], "stem_stride": 2, "dim": 128, "rnn": "conv", "rnn_layers": 2,
+              "dropout": 0.1}, ("crnn", {"channels": [16, 32, 64, 128], "dim": 128, "rnn": "conv", "rnn_layers": 2,
+                                         "dropout": 0.1})),
+    ("crnn", {"channels": [32, 64, 96, 128], "stem": 0, "downsample": "maxpool", "convs_per_stage": 1, "rnn": "gru",
+              "rnn_layers": 1, "dropout": 0.2}, ("crnn_classic", {
+                  "channels": [32, 64, 96, 128], "dim": 128, "rnn": "gru", "rnn_layers": 1, "dropout": 0.2,
+                  "strides": [[2, 2], [2, 2], [2, 1], [2, 1]], "stem": 0})),
+    ("crnn", {"backbone": "resnet", "stem": 0, "strides": [[2, 2], [2, 1], [2, 1], [2, 1]]}, ("crnn_resnet", {
+        "channels": [16, 32, 64, 128], "dim": 128, "rnn": "conv", "rnn_layers": 2, "dropout": 0.1,
+        "blocks": [1, 1, 1, 1], "strides": [[2, 2], [2, 1], [2, 1], [2, 1]]})),
+    ("cnn", {"stem": 16, "stem_norm": False, "downsample": "pool_first", "convs_per_stage": 2, "hidden": 0,
+             "dropout": 0.4}, ("cnn", {"channels": [16, 32, 64, 128], "hidden": 0, "dropout": 0.4})),
+    ("cnn", {"channels": [32, 64, 128, 256], "stem": 0, "convs_per_stage": 1, "hidden": 512, "dropout": 0.3},
+     ("cnn_seed", {"channels": [32, 64, 128, 256], "hidden": 512, "dropout": 0.3})),
+    ("resnet", {"dim": 64}, ("resnet", {"dim": 64})),
+])
+def test_old_checkpoint_designs_map_to_registered_ones(arch, old, new):
+    from captcha_lit.models.legacy import upgrade
+
+    assert upgrade(arch, old) == new
+
+
+def test_an_old_design_no_longer_built_is_named():
+    from captcha_lit.models.legacy import upgrade
+
+    with pytest.raises(ValueError, match=r"no longer builds \(.*model.downsample=stride.*\); retrain it"):
+        upgrade("crnn", {"downsample": "stride", "stem": 16})
 
 
 def test_dropout_draws_the_same_distribution_as_torch():
@@ -293,59 +235,7 @@ def test_dropout_draws_the_same_distribution_as_torch():
     assert torch.equal(y.grad, out.detach())
 
 
-@pytest.mark.parametrize("downsample", ["maxpool", "pool_first", "stride"])
-@pytest.mark.parametrize("size", [(64, 160), (63, 160), (65, 161), (50, 130)])
-def test_odd_input_sizes_build_the_layers_they_run(downsample, size):
-    # A padded strided convolution rounds an odd size up where max-pooling rounds it down; the
-    # heads and the CTC length must follow the feature map the layers really produce.
-    x = torch.randn(2, 1, *size)
-    crnn = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1, stem=16,
-                     strides=[[2, 2], [2, 1], [2, 1], [2, 1]], downsample=downsample).eval()
-    cnn = get_model("cnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1, stem=16,
-                    downsample=downsample).eval()
-    with torch.no_grad():
-        assert crnn(x).shape == (2, crnn.seq_len, NUM_CLASSES + 1)
-        assert cnn(x).shape == (2, MAX_LEN, NUM_CLASSES)
-
-
-@pytest.mark.parametrize("size", [(64, 160), (63, 160), (50, 130), (36, 100)])
-def test_odd_input_sizes_through_residual_blocks(size):
-    # A strided residual block's conv rounds an odd size up; its shortcut must round the same way.
-    x = torch.randn(2, 1, *size)
-    resnet = get_model("resnet", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1).eval()
-    crnn = get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=size, in_channels=1,
-                     backbone="resnet").eval()
-    with torch.no_grad():
-        assert resnet(x).shape == (2, MAX_LEN, NUM_CLASSES)
-        assert crnn(x).shape == (2, crnn.seq_len, NUM_CLASSES + 1)
-
-
-@pytest.mark.parametrize("name, options", [
-    ("cnn", {}),
-    ("crnn", dict(strides=[[2, 2], [2, 1], [2, 1], [2, 1]])),
-])
-def test_convs_per_stage_one_count_or_one_per_stage(name, options):
-    def convs(net):
-        return sum(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
-
-    kwargs = dict(num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), stem=16, in_channels=1, **options)
-    single = get_model(name, **kwargs)
-    assert convs(single) == 1 + 4  # the stem, then one per stage
-    assert convs(get_model(name, convs_per_stage=2, **kwargs)) == 1 + 4 * 2
-    deeper = get_model(name, convs_per_stage=[2, 1, 1, 1], **kwargs)
-    assert convs(deeper) == 1 + 5
-    x = torch.randn(2, 1, 64, 160)
-    with torch.no_grad():  # the extra convolutions keep the stage's size: the same output
-        assert deeper.eval()(x).shape == single.eval()(x).shape
-    for bad in ([1, 2], 0, [1, 0, 1, 1]):
-        with pytest.raises(ValueError, match=re.escape(f"model.convs_per_stage={bad}: use one count >= 1, or 4")):
-            get_model(name, convs_per_stage=bad, **kwargs)
-    no_stages = {**kwargs, "channels": [], **({"strides": []} if name == "crnn" else {})}
-    with pytest.raises(ValueError, match=re.escape("model.channels is empty: give at least one stage")):
-        get_model(name, **no_stages)
-
-
-@pytest.mark.parametrize("name", ["crnn", "resnet"])
+@pytest.mark.parametrize("name", ["crnn_classic", "crnn_resnet", "resnet"])
 @pytest.mark.parametrize("bad", [[[2, 2], [2], [2, 1], [2, 1]], [[2, 2], [2, 1], [2, 1]], [2, 2, 2, 2],
                                  [[2, 2], [0, 1], [2, 1], [2, 1]], [[2, 2], [1.5, 1], [2, 1], [2, 1]],
                                  ["22", [2, 1], [2, 1], [2, 1]]])
@@ -359,30 +249,27 @@ def test_malformed_strides_are_named(name, bad):
 @pytest.mark.parametrize("blocks", [[1, 1], [1, 0, 1, 1], [1, 2.5, 1, 1], [1, "2", 1, 1]])
 def test_resnet_blocks_one_count_per_stage(blocks):
     # zip() used to drop the stages past the shorter list without a word.
-    for name, options in (("resnet", {}), ("crnn", {"backbone": "resnet"})):
+    for name in ("resnet", "crnn_resnet"):
         with pytest.raises(ValueError, match=re.escape(f"model.blocks={blocks}: give 4 counts >= 1, one per stage")):
-            get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), blocks=blocks, **options)
+            get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), blocks=blocks)
 
 
-@pytest.mark.parametrize("name", ["crnn", "cnn"])
-def test_unknown_downsampling_is_named(name):
-    with pytest.raises(ValueError, match=re.escape("model.downsample='avgpool': use one of maxpool, pool_first, stride")):
-        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), downsample="avgpool")
+@pytest.mark.parametrize("name", ["crnn", "cnn", "resnet"])
+@pytest.mark.parametrize("bad", [[], [16, 0, 32], "16", [16, 2.5]])
+def test_bad_channels_are_named(name, bad):
+    with pytest.raises(ValueError, match=re.escape(f"model.channels={bad}: give one width >= 1 per stage")):
+        get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(64, 160), channels=bad)
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"rnn": "transformer"}, "model.rnn='transformer': use 'gru', 'lstm' or 'conv'"),
-    ({"backbone": "resnet", "downsample": "stride"}, "model.downsample='stride' is for backbone=vgg"),
-    ({"backbone": "resnet", "stem": 16, "downsample": "stride"}, "so set model.stem=0 model.downsample=maxpool"),
-    ({"stem": -1}, "model.stem=-1"),
-    ({"backbone": "resnet", "stem": 16}, "model.stem=16 is for backbone=vgg"),
-    ({"backbone": "resnet", "convs_per_stage": [2, 1, 1, 1]}, "model.convs_per_stage=[2, 1, 1, 1] is for backbone=vgg"),
+    ({"rnn": "transformer"}, "model.rnn='transformer': use one of conv, gru, lstm"),
     ({"rnn": "conv", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),
     ({"rnn": "gru", "rnn_layers": 0}, "model.rnn_layers=0: the sequence model needs at least 1 layer"),
 ])
 def test_crnn_bad_options_are_named(options, match):
-    with pytest.raises(ValueError, match=re.escape(match)):
-        get_model("crnn", num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), **options)
+    for name in ("crnn", "crnn_classic"):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            get_model(name, num_classes=NUM_CLASSES, max_length=MAX_LEN, input_size=(48, 128), **options)
 
 
 def test_unknown_model_lists_choices():
