@@ -23,13 +23,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from captcha_lit.preprocess import ImageDecodeError, load_input
+from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 from captcha_lit.decoding import Solution
 from captcha_lit.utils import entry_point, write_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 OUTPUT_FORMATS = (".json", ".csv")
 CSV_FIELDS = ("path", "text", "confidence", "char_confidences", "error")
 

@@ -16,6 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
+# The files that folders of CAPTCHAs (training data, predict inputs) are read from.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
 # Refuse decompression bombs well before Pillow's own (much larger) limit.
 MAX_IMAGE_PIXELS = 4096 * 4096
 

@@ -22,6 +22,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # committed test data
 
+
+
+def synthetic_data(**overrides) -> dict:
+    """CaptchaDataModule arguments: conf/data/synthetic.yaml's (the recipe's), with ``overrides``."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml"))
+    length = data.pop("length")
+    data.update(min_length=length, max_length=length, cache_dir="~/.cache/captcha_lit")
+    for key in ("source", "mean", "std"):
+        data.pop(key)
+    return {**data, **overrides}
+
+
 # Tiny but real: a few batches of every split at the default model input size.
 TINY_DATA = [
     "data.num_train=64",

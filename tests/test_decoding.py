@@ -11,6 +11,15 @@ import torch
 from captcha_lit.decoding import decode_ctc_beam, decode_ctc_greedy, decode_positional
 
 BLANK = 3  # 3 characters + blank
+# A best path and the text it collapses to.
+CTC_PATHS = [
+    ([0, 0, 0, 1], [0, 1]),  # repeats merge
+    ([0, BLANK, 0, 1], [0, 0, 1]),  # a blank separates a doubled character
+    ([0, 0, BLANK, BLANK, 0, 0], [0, 0]),
+    ([BLANK, 2, BLANK, 1, BLANK], [2, 1]),  # blanks dropped
+    ([BLANK, BLANK, BLANK, BLANK], []),  # all blank -> empty
+    ([2, 2, 2, 2], [2]),
+]
 
 
 def _peaked(rows: list[list[int]], num_classes: int = BLANK + 1, peak: float = 6.0, seed: int = 0) -> torch.Tensor:
@@ -37,17 +46,7 @@ def _most_likely_text(log_probs: np.ndarray, blank: int) -> tuple[int, ...]:
     return max(totals, key=totals.get)
 
 
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ([0, 0, 0, 1], [0, 1]),  # repeats merge
-        ([0, BLANK, 0, 1], [0, 0, 1]),  # a blank separates a doubled character
-        ([0, 0, BLANK, BLANK, 0, 0], [0, 0]),
-        ([BLANK, 2, BLANK, 1, BLANK], [2, 1]),  # blanks dropped
-        ([BLANK, BLANK, BLANK, BLANK], []),  # all blank -> empty
-        ([2, 2, 2, 2], [2]),
-    ],
-)
+@pytest.mark.parametrize(("path", "expected"), CTC_PATHS)
 @pytest.mark.parametrize("beam_width", [2, 8])
 def test_beam_agrees_with_greedy_on_clear_paths(path, expected, beam_width):
     logits = _peaked([path])
@@ -127,17 +126,7 @@ def _one_hot(rows: list[list[int]], num_classes: int) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ([0, 0, 0, 1], [0, 1]),  # repeats merge
-        ([0, BLANK, 0, 1], [0, 0, 1]),  # a blank separates a doubled character
-        ([0, 0, BLANK, BLANK, 0, 0], [0, 0]),
-        ([BLANK, 2, BLANK, 1, BLANK], [2, 1]),  # blanks dropped
-        ([BLANK, BLANK, BLANK, BLANK], []),  # all blank -> empty
-        ([2, 2, 2, 2], [2]),
-    ],
-)
+@pytest.mark.parametrize(("path", "expected"), CTC_PATHS)
 def test_ctc_greedy(path, expected):
     decoded = decode_ctc_greedy(_one_hot([path], BLANK + 1), blank=BLANK)
     assert decoded.indices == [expected]

@@ -26,7 +26,7 @@ def captcha_png(index: int) -> bytes:
 
     from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 
-    _, array = CaptchaGenerator(GeneratorSpec(input_size=(60, 160))).sample("bench", "onnx", index)
+    _, array = CaptchaGenerator(GeneratorSpec()).sample("bench", "onnx", index)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()

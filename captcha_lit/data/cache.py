@@ -25,7 +25,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Part of every cache key: a change to what a key holds or how a split is stored bumps it.
+FORMAT_VERSION = 2
 
 
 def cache_key(fields: dict) -> str:

@@ -32,11 +32,10 @@ import numpy as np
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
-from captcha_lit.preprocess import ImageDecodeError, load_input
+from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 # Bumped when load_input's output for the same file would change, to invalidate cached arrays.
 PREPROCESS_VERSION = 1
@@ -55,7 +54,7 @@ def label_from_name(relpath: str) -> str:
     return Path(relpath).stem.split("_", 1)[0]
 
 
-def scan_images(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
     """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
     wanted = {e.lower() for e in extensions}
     found = []
@@ -125,7 +124,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         max_length: int | None = None,
         input_size: Sequence[int] = (32, 128),
         grayscale: bool = False,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        extensions: Sequence[str] = IMAGE_SUFFIXES,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
@@ -236,9 +235,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             stat = (self.root / relpath).stat()
             files.append([relpath, stat.st_size, stat.st_mtime_ns])
         fields = {"root": str(self.root), "files": files, "input_size": list(self.input_size),
-                  "preprocess": PREPROCESS_VERSION,
-                  # Only when not RGB, so that RGB folders keep their cache keys.
-                  **({"channels": self.channels} if self.channels != 3 else {})}
+                  "preprocess": PREPROCESS_VERSION, "channels": self.channels}
         height, width = self.input_size
 
         def build(out: np.ndarray) -> list[str]:

@@ -124,7 +124,7 @@ class GeneratorSpec:
     max_length: int = 5
     width: int = 160
     height: int = 60
-    input_size: tuple[int, int] = (60, 160)
+    input_size: tuple[int, int] | None = None  # (height, width) the images are resized to; None: the canvas
     channels: int = 3  # 3: RGB, 1: grayscale
     fonts: tuple[str, ...] | None = None
     font_sizes: tuple[int, ...] | None = None
@@ -133,6 +133,8 @@ class GeneratorSpec:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
+        if self.input_size is None:
+            object.__setattr__(self, "input_size", (self.height, self.width))
         if self.min_length < 1:
             raise ValueError(f"data.min_length={self.min_length}: CAPTCHA length must be at least 1")
         if self.max_length < self.min_length:
@@ -164,12 +166,10 @@ class GeneratorSpec:
             "width": self.width,
             "height": self.height,
             "input_size": list(self.input_size),
-            # Only when not RGB, so that RGB datasets keep their cache keys.
-            **({"channels": self.channels} if self.channels != 3 else {}),
+            "channels": self.channels,
             "fonts": [_font_identity(f) for f in self.fonts] if self.fonts else None,
             "font_sizes": list(self.font_sizes) if self.font_sizes else None,
-            # Only when set, so that uniform datasets keep their cache keys.
-            **({"char_weights": [float(w) for w in self.char_weights]} if self.char_weights is not None else {}),
+            "char_weights": [float(w) for w in self.char_weights] if self.char_weights is not None else None,
         }
 
 

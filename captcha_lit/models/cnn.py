@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captcha_lit.models.layers import FlattenHeads, Stage, VGGBackbone, check_channels, check_input_size
+from captcha_lit.models.layers import FlattenHeads, Stage, VGGBackbone, check_channels, check_downsampling_fits
 from captcha_lit.models.registry import register_model
 
 
@@ -25,7 +25,7 @@ class CaptchaCNN(nn.Module):
     def __init__(self, backbone: VGGBackbone, num_classes: int, max_length: int, input_size: Sequence[int],
                  hidden: int, dropout: float):
         super().__init__()
-        check_input_size("cnn", input_size, backbone.downsample)
+        check_downsampling_fits("cnn", input_size, backbone.downsample)
         self.backbone = backbone.body
         out_h, out_w = backbone.output_size(input_size)
         self.head = FlattenHeads(backbone.out_channels * out_h * out_w, num_classes, max_length, hidden, dropout)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from captcha_lit.models.layers import (Dropout, Stage, TemporalConv, VGGBackbone, check_channels, check_counts,
-                                       check_input_size, check_strides)
+                                       check_downsampling_fits, check_strides)
 from captcha_lit.models.registry import register_model
 from captcha_lit.models.resnet import ResNetBackbone, SequenceNeck
 
@@ -33,7 +33,7 @@ class CRNN(nn.Module):
                  rnn: str, rnn_layers: int, dropout: float):
         super().__init__()
         self.backbone = backbone
-        check_input_size("crnn", input_size, backbone.downsample)
+        check_downsampling_fits("crnn", input_size, backbone.downsample)
         out_h, self.seq_len = backbone.output_size(input_size)
         if self.seq_len < 2 * max_length + 1:
             raise ValueError(

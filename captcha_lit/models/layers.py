@@ -142,7 +142,7 @@ def stack_output_size(stack: nn.Module | Sequence[nn.Module], input_size: Sequen
     return h, w
 
 
-def check_input_size(name: str, input_size: Sequence[int], downsample: tuple[int, int], min_out: tuple[int, int] = (1, 1)) -> None:
+def check_downsampling_fits(name: str, input_size: Sequence[int], downsample: tuple[int, int], min_out: tuple[int, int] = (1, 1)) -> None:
     """Fail early, naming the size, when the feature map would vanish."""
     height, width = int(input_size[0]), int(input_size[1])
     need_h, need_w = downsample[0] * min_out[0], downsample[1] * min_out[1]

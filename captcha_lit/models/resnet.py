@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from captcha_lit.models.layers import (Dropout, FlattenHeads, PositionAttentionHead, check_channels, check_counts,
-                                       check_input_size, check_strides, conv_bn_relu, stack_output_size,
+                                       check_downsampling_fits, check_strides, conv_bn_relu, stack_output_size,
                                        total_downsample)
 from captcha_lit.models.registry import register_model
 
@@ -79,7 +79,7 @@ class CaptchaResNet(nn.Module):
                  dim: int, head: str, dropout: float, in_channels: int = 3):
         super().__init__()
         self.backbone = ResNetBackbone(channels, blocks, strides, in_channels=in_channels)
-        check_input_size("resnet", input_size, self.backbone.downsample)
+        check_downsampling_fits("resnet", input_size, self.backbone.downsample)
         out_h, out_w = self.backbone.output_size(input_size)
         self.head_kind = head
         if head == "attention":

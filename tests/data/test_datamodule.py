@@ -4,9 +4,10 @@ import torch
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.datamodule import CaptchaDataModule
+from conftest import synthetic_data
 
-TINY = dict(num_train=48, num_val=24, num_test=20, input_size=(32, 96), batch_size=16, eval_batch_size=8,
-            gen_workers=1)
+TINY = synthetic_data(grayscale=False, num_train=48, num_val=24, num_test=20, input_size=(32, 96), batch_size=16,
+                      eval_batch_size=8, gen_workers=1, train_char_weights=None)
 
 
 def _dm(cache_dir, **kwargs) -> CaptchaDataModule:
@@ -131,7 +132,7 @@ def test_bad_loader_settings_are_named(tmp_path, kwargs, match):
 
     (tmp_path / "imgs").mkdir()
     with pytest.raises(ValueError, match=match):
-        CaptchaDataModule(cache_dir=str(tmp_path), **kwargs)
+        CaptchaDataModule(**synthetic_data(cache_dir=str(tmp_path), **kwargs))
     with pytest.raises(ValueError, match=match):
         FolderDataModule(path=str(tmp_path / "imgs"), cache_dir=str(tmp_path), **kwargs)
 

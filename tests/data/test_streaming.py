@@ -6,13 +6,15 @@ import hashlib
 from types import SimpleNamespace
 
 import pytest
+
 import torch
 
 import captcha_lit.data.streaming as streaming
 from captcha_lit.data.datamodule import CaptchaDataModule
+from conftest import synthetic_data
 
-TINY_STREAM = dict(num_train=64, num_val=32, num_test=32, input_size=(32, 96), batch_size=8, eval_batch_size=32,
-                   gen_workers=1)
+TINY_STREAM = synthetic_data(grayscale=False, num_train=64, num_val=32, num_test=32, input_size=(32, 96), batch_size=8,
+                             eval_batch_size=32, gen_workers=1, train_char_weights=None)
 
 
 def _dm(cache_dir, **kwargs) -> CaptchaDataModule:

@@ -3,6 +3,7 @@ import pytest
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec, generate
+from conftest import synthetic_data
 
 SPEC = GeneratorSpec(charset="0-9A-Z", min_length=5, max_length=5, input_size=(32, 96))
 
@@ -128,8 +129,7 @@ def test_char_weights_shape_the_drawn_texts():
                                  char_weights=(1.0, 1.0, 0.0))
     texts, _ = generate(only_a_and_b, seed=0, split="train", count=8, workers=1)
     assert all(set(t) <= {"A", "B"} for t in texts) and {"A", "B"} <= set("".join(texts))
-    # Uniform specs keep their cache key (existing caches stay valid); weighted ones get their own.
-    assert "char_weights" not in SPEC.key_fields()
+    # Weighted specs get their own cache key.
     assert only_a_and_b.key_fields() != GeneratorSpec(charset="ABC", min_length=6, max_length=6,
                                                       input_size=(32, 96)).key_fields()
     for bad in ((1.0, 1.0), (1.0, -1.0, 1.0), (0.0, 0.0, 0.0)):
@@ -140,17 +140,17 @@ def test_char_weights_shape_the_drawn_texts():
 def test_train_char_weights_apply_to_the_train_split_only(tmp_path):
     from captcha_lit.data.datamodule import CaptchaDataModule
 
-    dm = CaptchaDataModule(charset="0-9", min_length=5, max_length=5, input_size=(32, 96), num_train=40, num_val=40, num_test=8,
-                           train_char_weights={"7": 1000, 0: 0}, cache_dir=str(tmp_path), gen_workers=1)
+    dm = CaptchaDataModule(**synthetic_data(charset="0-9", input_size=(32, 96), num_train=40, num_val=40, num_test=8,
+                                            train_char_weights={"7": 1000, 0: 0}, cache_dir=str(tmp_path), gen_workers=1))
     dm.prepare_data()
     dm.setup("fit")
     train, val = "".join(dm.datasets["train"].texts), "".join(dm.datasets["val"].texts)
     assert train.count("7") > 0.9 * len(train) and "0" not in train
     assert val.count("7") < 0.5 * len(val)  # val (and test) stay uniform
     # Characters outside the charset are skipped (the default weights name O, which 0-9 lacks).
-    skipped = CaptchaDataModule(charset="0-9", train_char_weights={"O": 3, "0": 3}, cache_dir=str(tmp_path))
+    skipped = CaptchaDataModule(**synthetic_data(charset="0-9", train_char_weights={"O": 3, "0": 3}))
     assert skipped.split_specs["train"].char_weights == (3.0,) + (1.0,) * 9
-    assert CaptchaDataModule(charset="0-9", train_char_weights={"O": 3},
-                             cache_dir=str(tmp_path)).split_specs["train"].char_weights is None
+    assert CaptchaDataModule(**synthetic_data(charset="0-9", train_char_weights={"O": 3})
+                             ).split_specs["train"].char_weights is None
     with pytest.raises(ValueError, match="non-negative"):
-        CaptchaDataModule(charset="0-9", train_char_weights={"1": -1}, cache_dir=str(tmp_path))
+        CaptchaDataModule(**synthetic_data(charset="0-9", train_char_weights={"1": -1}))
