@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from captcha_lit.spec import DATA_KEYS
-from captcha_lit.training.builders import (build_datamodule, build_trainer, checkpoint_data_config,
-                                            checkpoint_spec, load_module, to_plain)
+from captcha_lit.training.builders import build_datamodule, build_trainer, to_plain
+from captcha_lit.training.checkpoints import checkpoint_data_config, checkpoint_spec, load_module
 from captcha_lit.training.callbacks import ErrorAnalysis, written_files
 from captcha_lit.utils import entry_point, output_dir, write_json
 

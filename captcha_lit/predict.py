@@ -63,7 +63,7 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
 def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
     import torch
 
-    from captcha_lit.training.builders import load_module
+    from captcha_lit.training.checkpoints import load_module
     from captcha_lit.training.inference import read_images
 
     if device == "auto":

@@ -23,7 +23,8 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, init_from_checkpoint, to_plain
+from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, to_plain
+from captcha_lit.training.checkpoints import init_from_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point

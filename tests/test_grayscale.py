@@ -14,7 +14,8 @@ import torch
 from captcha_lit.training.inference import read_images
 from PIL import Image
 
-from captcha_lit.training.builders import build_module, init_from_checkpoint, load_module
+from captcha_lit.training.builders import build_module
+from captcha_lit.training.checkpoints import init_from_checkpoint, load_module
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec, generate
 from captcha_lit.data.transforms import BatchAugment, TrainPreset
 from captcha_lit.eval import evaluate

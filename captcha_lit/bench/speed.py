@@ -41,7 +41,7 @@ def _throughput(overrides: list[str], repeats: int, steps: int = 20) -> dict:
 
     from captcha_lit.training.builders import build_module, resolve_precision
     from captcha_lit.training.inference import read_images
-    from captcha_lit.training.module import make_optimizer
+    from captcha_lit.training.optim import make_optimizer
 
     cfg = compose(overrides)
     precision = str(resolve_precision(cfg.trainer))

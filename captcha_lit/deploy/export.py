@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from captcha_lit import __version__
-from captcha_lit.training.builders import checkpoint_data_config, load_module
+from captcha_lit.training.checkpoints import checkpoint_data_config, load_module
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.training.inference import read_images
 from captcha_lit.utils import output_dir, write_json

@@ -38,7 +38,7 @@ def onnx_model(model_path: str, out_dir: str | os.PathLike, *, parity_images: in
     path = check_model_path(model_path, "model")
     if path.suffix.lower() == ".onnx":
         return path
-    from captcha_lit.training.builders import load_module
+    from captcha_lit.training.checkpoints import load_module
     from captcha_lit.deploy.export import export_onnx
 
     module, state = load_module(path)

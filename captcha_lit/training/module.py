@@ -5,59 +5,27 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, Metric
-from torchmetrics.text import CharErrorRate
+from torchmetrics import MaxMetric
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
 from captcha_lit.decoding import Decoded, Solution, read_logits
 from captcha_lit.models import get_model, model_decoder
 from captcha_lit.spec import ModelSpec
+from captcha_lit.training.metrics import match_texts, stage_metrics
+from captcha_lit.training.optim import check_optim, make_optimizer
 
 # The module, not the datamodule, turns uint8 batches into normalized floats on purpose
 # (checkpoints carry the normalization); Lightning warns about that choice on every fit.
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULERS = ("none", "onecycle", "cosine")
 
-
-class _PositionAccuracy(Metric):
-    """Per-position accuracy over the samples whose predicted length equals the target's.
-
-    Without a length match there is no position to compare, and it reads 0; ``len_acc``
-    (the fraction of samples with the right length) says how many samples it covers.
-    """
-
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, matches: torch.Tensor) -> None:
-        self.correct += matches.sum()
-        self.total += matches.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.correct / self.total if self.total > 0 else torch.zeros_like(self.correct)
-
-
-def _stage_metrics(evaluation: bool) -> nn.ModuleDict:
-    metrics = {"loss": MeanMetric(), "seq_acc": MeanMetric(), "char_acc": MeanMetric()}
-    if evaluation:
-        metrics["cer"] = CharErrorRate()
-        metrics["len_acc"] = MeanMetric()
-        metrics["pos_acc"] = _PositionAccuracy()
-    return nn.ModuleDict(metrics)
 
 
 class CaptchaModule(L.LightningModule):
@@ -91,7 +59,7 @@ class CaptchaModule(L.LightningModule):
                 "channels_last": bool(channels_last), "label_smoothing": float(label_smoothing),
             }
         )
-        _check_optim(optimizer, scheduler)
+        check_optim(optimizer, scheduler)
         self.spec = spec
         self.charset = Charset(spec.charset)
         arch = spec.arch
@@ -118,9 +86,9 @@ class CaptchaModule(L.LightningModule):
         if backend not in AUGMENTATION_BACKENDS:
             raise ValueError(f"augmentation.backend={backend!r}: use one of {', '.join(AUGMENTATION_BACKENDS)}")
         self.batch_augment = BatchAugment(**augmentation) if backend == "batch" and augmentation else None
-        self.train_metrics = _stage_metrics(evaluation=False)
-        self.val_metrics = _stage_metrics(evaluation=True)
-        self.test_metrics = _stage_metrics(evaluation=True)
+        self.train_metrics = stage_metrics(evaluation=False)
+        self.val_metrics = stage_metrics(evaluation=True)
+        self.test_metrics = stage_metrics(evaluation=True)
         self.val_seq_acc_best = MaxMetric()
         # Set by on_load_checkpoint when resuming, applied once training restarts.
         self._resume_best: float | None = None
@@ -183,7 +151,7 @@ class CaptchaModule(L.LightningModule):
         with torch.no_grad():
             # Training metrics only follow progress: greedy decoding is enough and much cheaper.
             solutions, decoded = self.read(logits.detach(), beam_width=1 if stage == "train" else None)
-            match = _match(decoded.indices, targets)
+            match = match_texts(decoded.indices, targets)
         metrics["loss"].update(loss.detach(), weight=images.shape[0])
         metrics["seq_acc"].update(match.seq)
         metrics["char_acc"].update(match.chars)
@@ -296,55 +264,3 @@ def _set_rng_states(states: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def make_optimizer(name: str, params, opt_cfg: dict) -> torch.optim.Optimizer:
-    """The optimizer; Adam and AdamW use torch's fused kernel where it runs (CPU and CUDA
-    float parameters) unless ``fused`` is set: one kernel for all parameters instead of about
-    ten per tensor, which on this model's 40 small tensors saves 2-3 ms of every CPU step."""
-    params = list(params)
-    if name in ("adam", "adamw") and opt_cfg.get("fused") is None and opt_cfg.get("foreach") is None:
-        try:
-            return OPTIMIZERS[name](params, **{**opt_cfg, "fused": True})
-        except RuntimeError:  # a device or dtype without the fused kernel: torch's own default
-            pass
-    return OPTIMIZERS[name](params, **opt_cfg)
-
-
-def _check_optim(optimizer: dict, scheduler: dict) -> None:
-    name = optimizer.get("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))}")
-    lr = optimizer.get("lr")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f"optimizer.lr={lr!r} must be a positive number")
-    for flag in ("fused", "foreach"):  # torch reads any truthy value, so a typo like 'no' would switch it on
-        if optimizer.get(flag) not in (None, True, False):
-            raise ValueError(f"optimizer.{flag}={optimizer[flag]!r}: use true, false or null")
-    kind = scheduler.get("name")
-    if kind not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {kind!r}; choose one of: {', '.join(SCHEDULERS)}")
-    try:
-        OPTIMIZERS[name]([torch.zeros(1, requires_grad=True)], **{k: v for k, v in optimizer.items() if k != "name"})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"optimizer {name!r} rejects its config {optimizer}: {exc}") from None
-
-
-class _Match(NamedTuple):
-    seq: torch.Tensor  # per sample: the whole text is right
-    chars: torch.Tensor  # per target character: the prediction has it at the same position
-    same_length: torch.Tensor  # per sample: the prediction has the target's length
-    positions: torch.Tensor  # per character of the samples with the right length: it is right
-
-
-def _match(pred_rows: list[list[int]], targets: torch.Tensor) -> _Match:
-    seq, chars, same_length, positions = [], [], [], []
-    for pred, target in zip(pred_rows, targets.tolist()):
-        target = [t for t in target if t >= 0]
-        seq.append(float(pred == target))
-        hits = [float(i < len(pred) and pred[i] == t) for i, t in enumerate(target)]
-        chars.extend(hits)
-        same_length.append(float(len(pred) == len(target)))
-        if len(pred) == len(target):
-            positions.extend(hits)
-    return _Match(torch.tensor(seq), torch.tensor(chars), torch.tensor(same_length), torch.tensor(positions))

@@ -32,7 +32,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from captcha_lit.viz import analysis, plots
-from captcha_lit.training.builders import build_datamodule, load_module
+from captcha_lit.training.builders import build_datamodule
+from captcha_lit.training.checkpoints import load_module
 from captcha_lit.data.datamodule import collate
 from captcha_lit.data.transforms import BatchAugment
 from captcha_lit.eval import resolve_data_config, set_beam_width

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from captcha_lit import __version__
-from captcha_lit.training.builders import load_module
+from captcha_lit.training.checkpoints import load_module
 from captcha_lit.training.inference import read_images
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 from captcha_lit.decoding import decode_ctc_greedy, decode_positional

@@ -13,7 +13,8 @@ import torch
 from captcha_lit.eval import evaluate
 from captcha_lit.predict import predict
 from captcha_lit.train import train
-from captcha_lit.training.builders import build_datamodule, build_module, init_from_checkpoint, to_plain
+from captcha_lit.training.builders import build_datamodule, build_module, to_plain
+from captcha_lit.training.checkpoints import init_from_checkpoint
 from conftest import FIXTURES, QUIET_TRAINER, REPO_ROOT, _compose
 
 TINY_FOLDER = FIXTURES / "tiny_folder"

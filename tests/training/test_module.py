@@ -154,7 +154,7 @@ def test_module_hparams_are_plain_values():
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_uses_the_fused_kernel_and_matches_the_plain_one(name):
-    from captcha_lit.training.module import make_optimizer
+    from captcha_lit.training.optim import make_optimizer
 
     torch.manual_seed(0)
     plain_params = [torch.randn(4, 3, requires_grad=True), torch.randn(7, requires_grad=True)]

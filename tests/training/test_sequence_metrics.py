@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from captcha_lit.training.builders import build_datamodule
 from captcha_lit.decoding import Decoded, Solution
 from captcha_lit.spec import ModelSpec
-from captcha_lit.training.module import CaptchaModule
 from captcha_lit.train import train
+from captcha_lit.training.builders import build_datamodule
+from captcha_lit.training.module import CaptchaModule
+from conftest import synthetic_data
 
 SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]
 
@@ -78,4 +79,4 @@ def test_font_without_the_charset_is_refused(cache_dir):
 
     display = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansDisplay.ttf"
     with pytest.raises(ValueError, match="cannot draw"):
-        build_datamodule({"fonts": [str(display)], "cache_dir": str(cache_dir), "mean": [0.5] * 3, "std": [0.5] * 3})
+        build_datamodule(synthetic_data(fonts=[str(display)], cache_dir=str(cache_dir), grayscale=False))
