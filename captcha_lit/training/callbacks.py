@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from captcha_lit.viz import analysis, plots
+from captcha_lit.viz import analysis, plots, writers
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +260,12 @@ class ErrorAnalysis(_Pictures):
             for writer in self._tensorboards(trainer):
                 writer.add_image(f"test/{name}", image, trainer.global_step, dataformats="HWC")
         for writer in self._tensorboards(trainer):
-            table = plots.markdown_table(self.report.confused_pairs(self.top_pairs), plots.PAIR_COLUMNS)
+            table = writers.markdown_table(self.report.confused_pairs(self.top_pairs), writers.PAIR_COLUMNS)
             writer.add_text("test/confused_pairs", table, trainer.global_step)
             for row in self.report.position_accuracy():
                 writer.add_scalar(f"test/position_accuracy/{row['position']}", row["accuracy"], trainer.global_step)
         if self.dirpath is not None:
-            self.files.update(plots.write_error_analysis(self.report, self.dirpath, self.top_pairs, figures))
+            self.files.update(writers.write_error_analysis(self.report, self.dirpath, self.top_pairs, figures))
             log.info("error analysis of %d test texts written to %s", len(truths), self.dirpath)
 
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from captcha_lit.viz import analysis, plots
+from captcha_lit.viz import analysis, plots, writers
 from captcha_lit.training.builders import build_datamodule
 from captcha_lit.training.checkpoints import load_module
 from captcha_lit.data.datamodule import collate
@@ -163,14 +163,14 @@ def visualize(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                                        title=f"{arch} on {len(truths)} {cfg.split} images: {wrong} read wrong; "
                                              "wrong first")
     files["gallery"] = plots.save_image(gallery, out_dir / "gallery.png")
-    files["predictions"] = plots.write_csv(
+    files["predictions"] = writers.write_csv(
         out_dir / "predictions.csv",
         [{"image": i, "text": t, "prediction": p, "confidence": round(c, 6), "right": t == p}
          for i, (t, p, c) in enumerate(zip(truths, preds, confidences))],
         ("image", "text", "prediction", "confidence", "right"))
 
     report = analysis.error_report(truths, preds, module.charset.chars)
-    files.update(plots.write_error_analysis(report, out_dir, int(cfg.top_pairs), plots.error_figures(report)))
+    files.update(writers.write_error_analysis(report, out_dir, int(cfg.top_pairs), plots.error_figures(report)))
 
     features_are = ("one point per image: its positions share one feature vector" if points.whole_images else
                     "one point per character: the aligned time step where CTC finds it most probable"
@@ -183,7 +183,7 @@ def visualize(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                                                       f"{cfg.split} images, {features_are}")
         files["tsne"] = plots.save_figure(fig, out_dir / "tsne.png")
         thumbnails = torch.stack([dataset[s]["image"] for s in points.sample])
-        files["projector"] = plots.write_projector(out_dir / "projector", points, header, rows, thumbnails)
+        files["projector"] = writers.write_projector(out_dir / "projector", points, header, rows, thumbnails)
     elif int(cfg.num_embeddings):
         log.warning("no feature points: no true text could be aligned to the model's output")
 
@@ -250,8 +250,8 @@ def write_index(out_dir: Path, cfg: DictConfig, summary: dict, report: analysis.
             md.append(text + "\n")
             body.append(f"<p>{html.escape(text)}</p>")
         if heading == "Most confused pairs":
-            md.append(plots.markdown_table(pairs, plots.PAIR_COLUMNS) if pairs else "No character was confused.\n")
-            body.append(_html_table(pairs, plots.PAIR_COLUMNS) if pairs else "<p>No character was confused.</p>")
+            md.append(writers.markdown_table(pairs, writers.PAIR_COLUMNS) if pairs else "No character was confused.\n")
+            body.append(_html_table(pairs, writers.PAIR_COLUMNS) if pairs else "<p>No character was confused.</p>")
         if image:
             md.append(f"![{heading}]({image})\n")
             body.append(f'<p><a href="{image}"><img src="{image}" alt="{html.escape(heading)}" '
