@@ -27,6 +27,8 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import captcha_lit.training.builders  # noqa: F401  (registers the model=NAME configs)
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 from captcha_lit.bench import cli, training
 from captcha_lit.bench.tables import run_table
@@ -71,3 +73,12 @@ def test_generation_and_cache_load_benchmarks_run_for_real(tmp_path, capsys):
                and not row["seeds"]}
     assert medians == {"single_core_img_s": gen["single_core_img_s"], "all_cores_img_s": gen["all_cores_img_s"],
                        "speedup": gen["speedup"]}
+
+
+def test_recipes_compose_in_a_fresh_process():
+    # The benchmarks compose the training configs themselves: model=NAME must resolve there too,
+    # not only where the test session has already imported the builders.
+    code = ("from captcha_lit.bench.common import compose; "
+            "print(compose(['experiment=varlen']).model.name, compose(['experiment=seed']).model.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["crnn_classic", "cnn_seed"]
