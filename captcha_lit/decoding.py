@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from captcha_lit.charset import Charset
+
 if TYPE_CHECKING:
     from captcha_lit.spec import ModelSpec
 
@@ -48,8 +50,6 @@ def decode(spec: ModelSpec, logits, beam_width: int | None = None) -> Decoded:
 def read_logits(spec: ModelSpec, logits, beam_width: int | None = None) -> tuple[list[Solution], Decoded]:
     """Logits -> each sample's text and confidences: the one path from a model's output to text,
     for training metrics, eval, predict, export, visualize, the benchmarks and the ONNX runtime."""
-    from captcha_lit.charset import Charset
-
     decoded = decode(spec, logits, beam_width)
     charset = Charset(spec.charset)
     solutions = [Solution(charset.decode(indices), confidence, char_conf)
