@@ -6,6 +6,7 @@ eval and predict. Logits may be numpy arrays or torch tensors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -51,10 +52,15 @@ def read_logits(spec: ModelSpec, logits, beam_width: int | None = None) -> tuple
     """Logits -> each sample's text and confidences: the one path from a model's output to text,
     for training metrics, eval, predict, export, visualize, the benchmarks and the ONNX runtime."""
     decoded = decode(spec, logits, beam_width)
-    charset = Charset(spec.charset)
+    charset = _charset(spec.charset)
     solutions = [Solution(charset.decode(indices), confidence, char_conf)
                  for indices, char_conf, confidence in zip(decoded.indices, decoded.char_conf, decoded.seq_conf)]
     return solutions, decoded
+
+
+@functools.lru_cache(maxsize=8)
+def _charset(chars: str) -> Charset:
+    return Charset(chars)
 
 
 def _as_float_array(logits) -> np.ndarray:

@@ -15,7 +15,7 @@ from torchmetrics import MaxMetric
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
-from captcha_lit.decoding import Decoded, Solution, read_logits
+from captcha_lit.decoding import Decoded, Solution, decode, read_logits
 from captcha_lit.models import get_model, model_decoder
 from captcha_lit.spec import ModelSpec
 from captcha_lit.training.metrics import match_texts, stage_metrics
@@ -149,8 +149,11 @@ class CaptchaModule(L.LightningModule):
         loss = self.compute_loss(logits, targets, lengths, self.label_smoothing if stage == "train" else 0.0)
         metrics = getattr(self, f"{stage}_metrics")
         with torch.no_grad():
-            # Training metrics only follow progress: greedy decoding is enough and much cheaper.
-            solutions, decoded = self.read(logits.detach(), beam_width=1 if stage == "train" else None)
+            if stage == "train":
+                # Training metrics only follow progress: greedy class indices are enough, no texts.
+                solutions, decoded = None, decode(self.spec, logits.detach(), beam_width=1)
+            else:
+                solutions, decoded = self.read(logits.detach())
             match = match_texts(decoded.indices, targets)
         metrics["loss"].update(loss.detach(), weight=images.shape[0])
         metrics["seq_acc"].update(match.seq)
