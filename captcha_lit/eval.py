@@ -18,7 +18,6 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from captcha_lit.spec import DATA_KEYS
 from captcha_lit.training.builders import build_datamodule, build_trainer, to_plain
 from captcha_lit.training.checkpoints import checkpoint_data_config, checkpoint_spec, load_module
 from captcha_lit.training.callbacks import ErrorAnalysis, written_files
@@ -38,16 +37,10 @@ def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> d
             if key.startswith("data."):
                 name = key.split(".", 2)[1]
                 data[name] = composed.get(name)
-    spec = checkpoint_spec(state)
-    for key in DATA_KEYS:  # the model can only read what it was trained on
-        value = getattr(spec, key)
-        value = list(value) if isinstance(value, tuple) else value
+    for key, value in checkpoint_spec(state).data_values().items():  # the model reads only what it was trained on
         if key in data and data[key] != value and key not in ("min_length", "max_length"):
             log.warning("data.%s=%s differs from the checkpoint's %s; using the checkpoint's", key, data[key], value)
         data[key] = value
-    if data.get("grayscale", spec.grayscale) != spec.grayscale:
-        log.warning("data.grayscale=%s differs from the checkpoint's; using the checkpoint's", data["grayscale"])
-    data["grayscale"] = spec.grayscale
     return data
 
 

@@ -121,6 +121,11 @@ class ModelSpec:
         except TypeError as exc:  # a missing key
             raise ValueError(f"{source}: its model spec is incomplete ({exc})") from None
 
+    def data_values(self) -> dict:
+        """The data config keys that are the model's (``DATA_KEYS``, and ``grayscale``), as plain values."""
+        plain = self.to_dict()
+        return {**{key: plain[key] for key in DATA_KEYS}, "grayscale": self.grayscale}
+
     def to_metadata(self) -> dict[str, str]:
         """ONNX ``metadata_props``: strings only. ``blank``, ``end_class`` and ``input_layout`` are
         derived, written for readers that decode without captcha_lit."""

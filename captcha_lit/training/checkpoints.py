@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from captcha_lit.spec import DATA_KEYS, ModelSpec
+from captcha_lit.spec import ModelSpec
 from captcha_lit.utils import check_model_path
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,11 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
     their trained rows, new characters keep their fresh initialization. Returns a summary.
     """
     state = load_checkpoint_dict(path)
-    theirs = checkpoint_spec(state, f"init_from={str(path)!r}")
+    source = f"init_from={str(path)!r}"
+    their_hparams = module_hparams(state, source)
+    if "state_dict" not in state:
+        raise ValueError(f"{source} is not a captcha_lit checkpoint (no state_dict)")
+    theirs = ModelSpec.from_dict(dict(their_hparams["spec"]), source)
     ours = module.spec
     if theirs.arch != ours.arch:
         raise ValueError(
@@ -57,13 +61,13 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
                 mapped.select(dim, j).copy_(old.select(dim, old_index[name]))
         loaded[key] = mapped
     if mismatched:
-        their_kwargs, our_kwargs = module_hparams(state, str(path))["model_kwargs"], module.hparams.model_kwargs
+        their_kwargs, our_kwargs = their_hparams["model_kwargs"], module.hparams.model_kwargs
         differing = [f"model.{k}={their_kwargs.get(k)!r} there, {our_kwargs.get(k)!r} here"
                      for k in sorted(set(their_kwargs) | set(our_kwargs)) if their_kwargs.get(k) != our_kwargs.get(k)]
-        for key in ("input_size", "max_length"):
-            if getattr(theirs, key) != getattr(ours, key):
-                differing.append(f"data.{key}={list(getattr(theirs, key)) if key == 'input_size' else theirs.max_length} "
-                                 f"there, {list(getattr(ours, key)) if key == 'input_size' else ours.max_length} here")
+        if theirs.input_size != ours.input_size:
+            differing.append(f"data.input_size={list(theirs.input_size)} there, {list(ours.input_size)} here")
+        if theirs.max_length != ours.max_length:
+            differing.append(f"data.max_length={theirs.max_length} there, {ours.max_length} here")
         if theirs.grayscale != ours.grayscale:
             differing.append(f"data.grayscale={str(theirs.grayscale).lower()} there, {str(ours.grayscale).lower()} here")
         raise ValueError(
@@ -150,10 +154,4 @@ def load_module(path: str | os.PathLike, map_location: str = "cpu"):
 
 def checkpoint_data_config(state: dict) -> dict:
     """The data config a checkpoint was trained with (datamodule hparams), with its spec's preprocessing."""
-    data = dict(state.get("datamodule_hyper_parameters") or {})
-    spec = checkpoint_spec(state)
-    for key in DATA_KEYS:
-        value = getattr(spec, key)
-        data[key] = list(value) if isinstance(value, tuple) else value
-    data["grayscale"] = spec.grayscale
-    return data
+    return {**(state.get("datamodule_hyper_parameters") or {}), **checkpoint_spec(state).data_values()}

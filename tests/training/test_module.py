@@ -180,3 +180,13 @@ def test_adam_uses_the_fused_kernel_and_matches_the_plain_one(name):
     sgd = make_optimizer("sgd", [torch.zeros(2, requires_grad=True)], {"lr": 0.1, "momentum": 0.9})
     assert "fused" not in sgd.defaults or not sgd.defaults["fused"]
 
+
+
+def test_init_from_a_checkpoint_without_weights_is_named(tmp_path):
+    from captcha_lit.training.checkpoints import init_from_checkpoint
+
+    module = _module()
+    path = tmp_path / "no_weights.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams)}, path)
+    with pytest.raises(ValueError, match=r"init_from=.*no_weights.ckpt.* is not a captcha_lit checkpoint \(no state_dict\)"):
+        init_from_checkpoint(module, path)
