@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, to_plain
+from captcha_lit.training.budget import settle_training_length
 from captcha_lit.training.checkpoints import init_from_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
@@ -63,6 +64,10 @@ def train(cfg: DictConfig) -> dict:
         log.warning("left out %d bad file(s); see %s", len(datamodule.bad_files), Path(out_dir) / "bad_files.json")
     if cfg.get("init_from"):
         init_from_checkpoint(model, cfg.init_from)
+    recipe = {f"data.{key}": choice.to_dict() for key, choice in getattr(datamodule, "recipe", {}).items()}
+    files = getattr(datamodule, "files", None)
+    lengths = settle_training_length(cfg, len(files["train"]) if files else None)
+    recipe.update({f"trainer.{key}": choice.to_dict() for key, choice in lengths.items()})
 
     timeline = RunTimeline(start_time=min(_PROCESS_START, start))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
@@ -99,6 +104,7 @@ def train(cfg: DictConfig) -> dict:
         "train_images_per_s": round(timeline.throughput, 1) if timeline.throughput else None,
         "timeline": timeline.points,
         "plots": written_files(trainer.callbacks),
+        "recipe": recipe,
     }
     for lg in trainer.loggers:
         lg.log_metrics({"hp/val_seq_acc_best": metrics["val/seq_acc_best"] or 0.0,

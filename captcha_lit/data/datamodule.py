@@ -17,7 +17,7 @@ from dataclasses import replace
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
 
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
@@ -106,8 +106,12 @@ class ArrayLoaders:
             if trainer is not None:
                 dataset.set_partition(trainer.global_rank, trainer.world_size)
             return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=False)
+        samples = getattr(self, "samples_per_epoch", None) if train else None
+        # More samples than images: an epoch is several shuffled passes (torch draws whole permutations).
+        sampler = RandomSampler(dataset, num_samples=int(samples)) if samples and samples > len(dataset) else None
         return DataLoader(
-            dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+            dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None, sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers, pin_memory=False,
             collate_fn=collate,
         )

@@ -15,6 +15,11 @@ The split into train, val and test depends only on the relative paths and
 ``split_seed``: files are ranked by a hash of (seed, path), so neither the file
 system's listing order nor the order the files were created changes it, and adding
 a file moves at most a few others across a split boundary.
+
+The values left ``auto`` (input size, grayscale, case, samples per epoch) are settled from the
+folder when it is resolved (``captcha_lit.data.survey``); ``recipe`` then holds each choice and
+its reason, and the hyperparameters hold the settled values, so a checkpoint's data config
+reads the folder exactly as its run did.
 """
 
 from __future__ import annotations
@@ -32,11 +37,16 @@ import numpy as np
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
+from captcha_lit.data.survey import (Choice, choose_case, choose_grayscale, choose_input_size,
+                                     choose_samples_per_epoch, survey_images)
 from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+AUTO = "auto"
+# With train_samples_per_epoch=auto, an epoch is at least this many batches (see survey).
+MIN_BATCHES_PER_EPOCH = 50
 # Bumped when load_input's output for the same file would change, to invalidate cached arrays.
 PREPROCESS_VERSION = 1
 
@@ -119,16 +129,17 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         path: str,
         labels_csv: str | None = None,
         charset: str | None = None,
-        case_insensitive: bool = False,
+        case_insensitive: bool | str = AUTO,
         min_length: int | None = None,
         max_length: int | None = None,
-        input_size: Sequence[int] = (32, 128),
-        grayscale: bool = False,
+        input_size: Sequence[int] | str = AUTO,
+        grayscale: bool | str = AUTO,
         extensions: Sequence[str] = IMAGE_SUFFIXES,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
         train_limit: int | None = None,
+        train_samples_per_epoch: int | str | None = AUTO,
         skip_bad: bool = False,
         cache_dir: str = "~/.cache/captcha_lit",
         batch_size: int = 32,
@@ -159,24 +170,39 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             )
         if train_limit is not None and int(train_limit) < 1:
             raise ValueError(f"data.train_limit={train_limit} must be null (all) or at least 1")
-        check_input_size(input_size)
+        _check_auto_or("case_insensitive", case_insensitive, bool, "true or false")
+        _check_auto_or("grayscale", grayscale, bool, "true (one gray channel) or false (RGB)")
+        if input_size != AUTO:
+            if isinstance(input_size, str):
+                raise ValueError(f"data.input_size={input_size!r} must be auto or [height, width]")
+            check_input_size(input_size)
+        if train_samples_per_epoch not in (AUTO, None) and (
+                isinstance(train_samples_per_epoch, (bool, str)) or int(train_samples_per_epoch) < 1):
+            raise ValueError(f"data.train_samples_per_epoch={train_samples_per_epoch!r} must be auto, null (one pass "
+                             "over the training images) or a number of samples >= 1")
         for name, value in (("min_length", min_length), ("max_length", max_length)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"data.{name}={value}: CAPTCHA length must be at least 1")
         if min_length is not None and max_length is not None and int(max_length) < int(min_length):
             raise ValueError(f"data.max_length={max_length} is less than data.min_length={min_length}")
-        self.case_insensitive = bool(case_insensitive)
-        given = Charset(charset).chars if charset else None
-        if given is not None and self.case_insensitive:
-            given = Charset(given.upper()).chars  # a duplicate after folding, e.g. 'aA', fails here
-        self._given_charset = given
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.channels = 1 if grayscale else 3
+        self._charset_arg = Charset(charset).chars if charset else None  # a bad charset fails here, early
+        if case_insensitive is True:
+            self._fold_charset()
+        # Each auto value is settled by resolve(); recipe records every choice it made, with its reason.
+        self.recipe: dict[str, Choice] = {}
         self.cache_dir = cache_dir
         self._init_loaders(batch_size, eval_batch_size, num_workers, augmentation)
         self.bad_files: list[dict] = []
         self.files: dict[str, list[str]] = {}
         self._resolved = False
+
+    def _fold_charset(self) -> None:
+        if self._charset_arg is not None:
+            self._charset_arg = Charset(self._charset_arg.upper()).chars  # a duplicate after folding, e.g. 'aA', fails
+
+    @property
+    def _given_charset(self) -> str | None:
+        return self._charset_arg
 
     # ---- resolving the folder: labels, images, charset, split ------------------------------
     def _labeled_files(self) -> tuple[list[tuple[str, str]], list[dict]]:
@@ -261,6 +287,11 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             return
         hp = self.hparams
         entries, bad = self._labeled_files()
+        if hp.case_insensitive == AUTO:
+            self.recipe["case_insensitive"] = choose_case([label for _, label in entries])
+            if self.recipe["case_insensitive"].value:
+                self._fold_charset()
+        self.case_insensitive = bool(self._settled("case_insensitive"))
         labeled = []
         for relpath, label in entries:
             label = label.upper() if self.case_insensitive else label
@@ -269,6 +300,8 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
                 bad.append({"file": relpath, "reason": problem})
             else:
                 labeled.append((relpath, label))
+        if labeled:
+            self._settle_input(labeled)
         errors, images = self._decode([p for p, _ in labeled]) if labeled else ([], None)
         good_rows = []
         for row, ((relpath, _), error) in enumerate(zip(labeled, errors)):
@@ -313,6 +346,10 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             # larger one, so learning curves over train_limit compare nested training sets.
             train = train[:int(hp.train_limit)]
         chosen = {"test": ranked[:num_test], "val": ranked[num_test:num_test + num_val], "train": train}
+        if hp.train_samples_per_epoch == AUTO:
+            self.recipe["train_samples_per_epoch"] = choose_samples_per_epoch(len(train), self.batch_size,
+                                                                              MIN_BATCHES_PER_EPOCH)
+        self.samples_per_epoch = self._settled("train_samples_per_epoch")
         self._splits = {}
         for split, members in chosen.items():
             members = sorted(members)  # each split in path order
@@ -322,12 +359,36 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         log.info("%s: %d train, %d val, %d test images; charset %r, length %d..%d", self.root,
                  len(chosen["train"]), len(chosen["val"]), len(chosen["test"]), self.charset.chars,
                  self.min_length, self.max_length)
+        for key, choice in self.recipe.items():
+            log.info("data.%s=auto -> %s: %s", key, choice.to_dict()["value"], choice.reason)
         self._resolved = True
 
+    def _settled(self, key: str):
+        """The value of ``key``: the recipe's choice where it was auto (then recorded in the
+        hyperparameters, so a checkpoint reproduces it), else the one given."""
+        if key in self.recipe:
+            self.hparams[key] = self.recipe[key].to_dict()["value"]
+        return self.hparams[key]
+
+    def _settle_input(self, labeled: list[tuple[str, str]]) -> None:
+        """The input size and channels: given, or measured on the labeled images."""
+        hp = self.hparams
+        if hp.grayscale == AUTO or hp.input_size == AUTO:
+            survey = survey_images(self.root, [p for p, _ in labeled])
+            if hp.grayscale == AUTO:
+                self.recipe["grayscale"] = choose_grayscale(survey)
+            if hp.input_size == AUTO:
+                longest = int(hp.max_length) if hp.max_length is not None else max(len(t) for _, t in labeled)
+                self.recipe["input_size"] = choose_input_size(survey, longest)
+        size = self._settled("input_size")
+        self.input_size = (int(size[0]), int(size[1]))
+        self.channels = 1 if self._settled("grayscale") else 3
+
     def label_spec(self) -> dict:
-        """The charset and length range the model must be built for."""
+        """What the model must be built for: the charset, the length range and the input."""
         self.resolve()
-        return {"charset": self.charset.chars, "min_length": self.min_length, "max_length": self.max_length}
+        return {"charset": self.charset.chars, "min_length": self.min_length, "max_length": self.max_length,
+                "input_size": list(self.input_size), "grayscale": self.channels == 1}
 
     # ---- Lightning hooks ---------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -343,6 +404,11 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
                     raise ValueError(f"the {split} split is empty; raise data.{split}_fraction or add images")
                 transform = self.train_transform if split == "train" else None
                 self.datasets[split] = CaptchaArrayDataset(images, texts, self.charset, self.max_length, transform)
+
+
+def _check_auto_or(key: str, value, kind: type, expected: str) -> None:
+    if value != AUTO and not isinstance(value, kind):
+        raise ValueError(f"data.{key}={value!r} must be auto or {expected}")
 
 
 def _split_count(total: int, fraction: float) -> int:

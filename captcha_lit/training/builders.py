@@ -124,7 +124,8 @@ def normalization(data: dict) -> tuple[list[float], list[float]]:
 
 def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dict | None = None):
     data = dict(to_plain(data_cfg))
-    normalization(data)  # a bad data.grayscale, mean or std fails here, before any data is generated
+    if data.get("grayscale") != "auto":  # auto: checked once the folder has settled it (build_module)
+        normalization(data)  # a bad data.grayscale, mean or std fails here, before any data is generated
     source = data.pop("source", "synthetic")
     length = data.pop("length", None)
     if length is not None and data.get("min_length") == data.get("max_length") == length and int(length) < 1:

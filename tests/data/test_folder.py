@@ -34,7 +34,9 @@ def _folder(root: Path, names: list[str]) -> Path:
 
 
 def _dm(root: Path, cache_dir: Path, **kwargs) -> FolderDataModule:
-    options = dict(path=str(root), input_size=INPUT, cache_dir=str(cache_dir), batch_size=4, eval_batch_size=4,
+    # The recipe's auto values are pinned here (tests/data/test_survey.py covers them).
+    options = dict(path=str(root), input_size=INPUT, grayscale=False, case_insensitive=False,
+                   train_samples_per_epoch=None, cache_dir=str(cache_dir), batch_size=4, eval_batch_size=4,
                    val_fraction=0.2, test_fraction=0.2)
     return FolderDataModule(**{**options, **kwargs})
 
@@ -55,7 +57,8 @@ def test_labels_come_from_file_names(tmp_path, cache_dir):
     assert dm.charset.chars == "12345678ABCDEFGH"  # sorted unique characters of the labels
     assert (dm.min_length, dm.max_length) == (4, 4)
     assert dm.hparams.charset == "12345678ABCDEFGH"  # recorded for the checkpoint
-    assert dm.label_spec() == {"charset": "12345678ABCDEFGH", "min_length": 4, "max_length": 4}
+    assert dm.label_spec() == {"charset": "12345678ABCDEFGH", "min_length": 4, "max_length": 4,
+                               "input_size": list(INPUT), "grayscale": False}
 
 
 def test_images_are_preprocessed_like_inference(tmp_path, cache_dir):

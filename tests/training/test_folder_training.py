@@ -56,7 +56,7 @@ def folder_run(tmp_path_factory, cache_dir):
     (images / "2b3c4.png").write_bytes(b"truncated")
     out = tmp_path_factory.mktemp("folder_run")
     overrides = ["data=folder", f"data.path={images}", "data.input_size=[32,96]", "data.skip_bad=true",
-                 f"data.cache_dir={cache_dir}", "data.batch_size=8", *QUIET_TRAINER, *SMALL_CRNN,
+                 f"data.cache_dir={cache_dir}", "data.batch_size=8", "data.train_samples_per_epoch=null", *QUIET_TRAINER, *SMALL_CRNN,
                  "trainer.max_epochs=1", "logger=csv"]
     cfg = _compose("train", overrides, out)
     return cfg, train(cfg), out, images
@@ -165,3 +165,21 @@ def test_datasets_dir_follows_the_environment(monkeypatch, tmp_path):
     assert Path(to_plain(cfg.data)["path"]).resolve() == SHARED.resolve()
     monkeypatch.setenv("CAPTCHA_LIT_DATASETS", str(tmp_path / "elsewhere"))
     assert to_plain(cfg.data)["path"] == str(tmp_path / "elsewhere" / "captcha_images_v2")
+
+
+def test_the_folder_recipe_settles_its_choices_and_records_them(tmp_path, cache_dir):
+    """data=folder with nothing else set: the step budget sets the length, and metrics.json says what was chosen."""
+    overrides = ["data=folder", f"data.path={TINY_FOLDER}", f"data.cache_dir={cache_dir}", *QUIET_TRAINER,
+                 *SMALL_CRNN, "step_budget.min_steps=12", "step_budget.max_steps=12", "logger=csv",
+                 "data.batch_size=8", "data.train_samples_per_epoch=48"]  # 2 epochs of 6 batches
+    cfg = _compose("train", overrides, tmp_path / "run")
+    metrics = train(cfg)
+    assert metrics["global_step"] == 12  # 33 labels x 2 steps, capped at the 12 of step_budget.max_steps
+    assert metrics["epochs"] == 2
+    recipe = json.loads((tmp_path / "run" / "metrics.json").read_text())["recipe"]
+    assert recipe["trainer.max_steps"]["value"] == 12 and recipe["trainer.min_steps"]["value"] == 6
+    assert recipe["data.input_size"]["value"] == [32, 96]  # the fixture's 120x40 images
+    assert recipe["data.grayscale"]["value"] is False
+    assert all(choice["reason"] for choice in recipe.values())
+    ckpt = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=False)
+    assert ckpt["datamodule_hyper_parameters"]["input_size"] == [32, 96]  # settled, not auto
