@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from captcha_lit import __version__
 from captcha_lit.training.checkpoints import checkpoint_data_config, load_module
+from captcha_lit.deploy.quantize import compare_texts, int8_path, quantize_int8
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.training.inference import read_images
 from captcha_lit.utils import output_dir, write_json
@@ -181,7 +182,47 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
     return report
 
 
+QUANTIZATIONS = (None, "int8")
+
+
+def export_int8(module, state: dict, fp32_path: Path, fp32_solver: Solver, *, calibration_images: int = 512,
+                parity_split: str = "test", parity_images: int | None = None, parity_seed: int | str = 0,
+                min_text_agreement: float = 0.999) -> dict:
+    """Write ``<stem>.int8.onnx`` (see ``captcha_lit.deploy.quantize``) and ``<stem>.int8.parity.json``;
+    raise ParityError if its texts agree with the fp32 model's on fewer than ``min_text_agreement``."""
+    if not 0 <= min_text_agreement <= 1:
+        raise ValueError(f"int8.min_text_agreement={min_text_agreement}: use a fraction in [0, 1], e.g. 0.999")
+    if parity_split == "test" and not state.get("datamodule_hyper_parameters"):
+        log.warning("the checkpoint has no data config, so int8 parity uses generated images, not its test split")
+        parity_split, parity_images = "generated", parity_images or 2000
+    _, calibration = _parity_images(state, int(calibration_images), "int8_calibration", "generated")
+    path = quantize_int8(fp32_path, int8_path(fp32_path), calibration, module.spec.mean, module.spec.std)
+    labels, images = _parity_images(state, parity_images, parity_seed, parity_split)
+    report = {"model": str(path.resolve()), "fp32_model": str(fp32_path.resolve()), "split": parity_split,
+              "calibration_images": int(calibration_images), "min_text_agreement": float(min_text_agreement),
+              **compare_texts(fp32_solver, Solver(path), images, labels)}
+    report["passed"] = report["text_agreement"] >= min_text_agreement
+    report_path = path.with_name(f"{path.stem}.parity.json")
+    if not report["passed"]:
+        failed = path.with_name(f"{path.stem}.failed.onnx")
+        os.replace(path, failed)
+        report["model"] = str(failed.resolve())
+        write_json(report_path, report)
+        raise ParityError(
+            f"the int8 model's texts agree with the fp32 model's on {report['text_agreement']:.2%} of "
+            f"{report['num_images']} {parity_split} images, below int8.min_text_agreement={min_text_agreement:g}. "
+            f"It was moved to {failed}; serve {fp32_path} instead, or calibrate on more images "
+            f"(int8.calibration_images); details in {report_path}"
+        )
+    write_json(report_path, report)
+    report["parity_report"] = str(report_path)
+    return report
+
+
 def export(cfg: DictConfig) -> dict:
+    quantize = cfg.get("quantize")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r}: use int8 (an int8 model beside the fp32 one), or null")
     module, state = load_module(cfg.ckpt_path)
     path = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else Path(output_dir(cfg)) / "model.onnx"
     parity = cfg.get("parity") or {}
@@ -192,11 +233,26 @@ def export(cfg: DictConfig) -> dict:
         parity_seed=parity.get("seed", 0), max_mismatch_rate=float(parity.get("max_mismatch_rate", 0.01)),
         max_logit_diff=float(parity.get("max_logit_diff", 1e-3)), ckpt_path=str(cfg.ckpt_path),
     )
+    if quantize == "int8":
+        int8 = dict(cfg.get("int8") or {})
+        images = int8.get("parity_images")
+        report["int8"] = export_int8(
+            module, state, Path(report["model"]), Solver(report["model"]),
+            calibration_images=int(int8.get("calibration_images", 512)),
+            parity_split=str(int8.get("parity_split", "test")), parity_images=None if images is None else int(images),
+            parity_seed=parity.get("seed", 0), min_text_agreement=float(int8.get("min_text_agreement", 0.999)),
+        )
     print("\n".join([
         "", f"exported {module.spec.arch} ({module.spec.decoder} decoder) to {report['model']}",
         f"  parity on {report['num_images']} {'test' if report['split'] == 'test' else 'generated'} images: texts agree {report['text_agreement']:.1%}, "
         f"largest logit difference {report['max_abs_logit_diff']:.2e}",
         f"  seq acc on them: torch {report['torch_seq_acc']:.3f}, onnx {report['onnx_seq_acc']:.3f}",
         f"  report: {report['parity_report']}",
-    ]))
+    ] + ([
+        f"int8 model {report['int8']['model']}",
+        f"  texts agree with fp32 on {report['int8']['text_agreement']:.2%} of {report['int8']['num_images']} "
+        f"{report['int8']['split']} images; seq acc fp32 {report['int8']['fp32_seq_acc']:.4f}, "
+        f"int8 {report['int8']['int8_seq_acc']:.4f}",
+        f"  report: {report['int8']['parity_report']}",
+    ] if "int8" in report else [])))
     return report

@@ -1,0 +1,45 @@
+"""Weight averaging: the EMA is what validation, checkpoints, the test and eval read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captcha_lit.eval import evaluate
+from captcha_lit.train import train
+from captcha_lit.training.averaging import EMA, ema_multi_avg_fn
+
+EMA_ON = ["+callbacks.ema._target_=captcha_lit.training.averaging.EMA", "+callbacks.ema.decay=0.9"]
+SMALL = ["model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "trainer.max_epochs=2"]
+
+
+def test_the_average_warms_up_then_keeps_its_decay():
+    average, current = [torch.zeros(3)], [torch.ones(3)]
+    update = ema_multi_avg_fn(0.99, warmup=True)
+    update(average, current, torch.tensor(1))  # a young run: decay (1 + 1) / (10 + 1)
+    assert torch.allclose(average[0], torch.full((3,), 1 - 2 / 11))
+    steady = [torch.zeros(3)]
+    ema_multi_avg_fn(0.99, warmup=True)(steady, current, torch.tensor(10_000))
+    assert torch.allclose(steady[0], torch.full((3,), 0.01))
+    counts = [torch.tensor([3])]
+    update(counts, [torch.tensor([7])], torch.tensor(5))  # integer buffers take the current value
+    assert counts[0].item() == 7
+
+
+@pytest.mark.parametrize("decay", [0, 1, 1.5, "0.9", True])
+def test_a_decay_outside_the_open_unit_interval_is_refused(decay):
+    with pytest.raises(ValueError, match="callbacks.ema.decay"):
+        EMA(decay=decay)
+
+
+def test_checkpoints_and_the_test_read_the_average(make_cfg):
+    metrics = train(make_cfg("train", SMALL + EMA_ON, name="ema"))
+    state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    averaged, raw = state["state_dict"], state["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if averaged[k].is_floating_point())
+    # eval loads the checkpoint on its own: the same test loss means training's test read the average too.
+    overrides = [f"ckpt_path={metrics['best_ckpt']}"]
+    result = evaluate(make_cfg("eval", overrides, name="eval_ema"), overrides)
+    assert result["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
+    assert result["test/seq_acc"] == metrics["test/seq_acc"]
