@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, to_plain
 from captcha_lit.training.budget import settle_training_length
 from captcha_lit.training.checkpoints import init_from_checkpoint
+from captcha_lit.training.pretrain import pretrain_mode, pretrained_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
@@ -63,8 +64,20 @@ def train(cfg: DictConfig) -> dict:
         write_json(Path(out_dir) / "bad_files.json", datamodule.bad_files)
         log.warning("left out %d bad file(s); see %s", len(datamodule.bad_files), Path(out_dir) / "bad_files.json")
     if cfg.get("init_from"):
+        if pretrain_mode(cfg) not in ("none", "auto"):
+            raise ValueError(f"init_from={cfg.init_from} and pretrain={cfg.pretrain} both name a checkpoint to start "
+                             "from; pass one of them")
         init_from_checkpoint(model, cfg.init_from)
     recipe = {f"data.{key}": choice.to_dict() for key, choice in getattr(datamodule, "recipe", {}).items()}
+    if ckpt_path is None:
+        pretrained, choice = pretrained_checkpoint(cfg, datamodule)
+        recipe["pretrain"] = choice.to_dict()
+        log.info("pretrain=%s -> %s: %s", cfg.get("pretrain"), choice.value, choice.reason)
+        if pretrained is not None:
+            init_from_checkpoint(model, pretrained)
+            # A run that built the pre-trained model and one that found it cached continue alike.
+            if cfg.get("seed") is not None:
+                L.seed_everything(int(cfg.seed), workers=True)
     files = getattr(datamodule, "files", None)
     lengths = settle_training_length(cfg, len(files["train"]) if files else None)
     recipe.update({f"trainer.{key}": choice.to_dict() for key, choice in lengths.items()})

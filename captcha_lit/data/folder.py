@@ -24,8 +24,6 @@ reads the folder exactly as its run did.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -37,8 +35,9 @@ import numpy as np
 from captcha_lit.charset import Charset
 from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
-from captcha_lit.data.survey import (Choice, choose_case, choose_grayscale, choose_input_size,
+from captcha_lit.data.survey import (Choice, ImageSurvey, choose_case, choose_grayscale, choose_input_size,
                                      choose_samples_per_epoch, survey_images)
+from captcha_lit.data.files import label_from_name, read_labels_csv, scan_images, split_ranks
 from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 
 log = logging.getLogger(__name__)
@@ -49,56 +48,6 @@ AUTO = "auto"
 MIN_BATCHES_PER_EPOCH = 50
 # Bumped when load_input's output for the same file would change, to invalidate cached arrays.
 PREPROCESS_VERSION = 1
-
-
-def datasets_dir() -> Path:
-    """Where the named datasets live: $CAPTCHA_LIT_DATASETS, else ``../shared/datasets`` beside the project."""
-    env = os.environ.get("CAPTCHA_LIT_DATASETS")
-    if env:
-        return Path(os.path.expanduser(env))
-    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets").resolve()
-
-
-def label_from_name(relpath: str) -> str:
-    """``dir/AB12_3.png`` -> ``AB12``: the file name without extension, up to the first underscore."""
-    return Path(relpath).stem.split("_", 1)[0]
-
-
-def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
-    """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
-    wanted = {e.lower() for e in extensions}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
-
-
-def read_labels_csv(csv_path: Path) -> list[tuple[str, str]]:
-    """Rows of (filename, label) from a CSV with a ``filename,label`` header."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            if "filename" not in columns or "label" not in columns:
-                raise ValueError(
-                    f"labels CSV {str(csv_path)!r} needs a header with the columns filename,label; "
-                    f"it has {','.join(columns) or 'no header'}"
-                )
-            reader.fieldnames = columns
-            return [((row.get("filename") or "").strip(), (row.get("label") or "").strip()) for row in reader]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data.labels_csv {str(csv_path)!r} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"labels CSV {str(csv_path)!r} is not UTF-8 text ({exc.reason})") from None
-
-
-def split_ranks(relpaths: Sequence[str], seed: int) -> list[int]:
-    """Indices of ``relpaths`` ordered by a seeded hash of each path alone."""
-    keys = [hashlib.sha256(f"{seed}:{p}".encode()).digest() for p in relpaths]
-    return sorted(range(len(relpaths)), key=lambda i: (keys[i], relpaths[i]))
 
 
 class _Rows:
@@ -373,8 +322,9 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
     def _settle_input(self, labeled: list[tuple[str, str]]) -> None:
         """The input size and channels: given, or measured on the labeled images."""
         hp = self.hparams
+        self._labeled_paths = [p for p, _ in labeled]
         if hp.grayscale == AUTO or hp.input_size == AUTO:
-            survey = survey_images(self.root, [p for p, _ in labeled])
+            survey = self.survey()
             if hp.grayscale == AUTO:
                 self.recipe["grayscale"] = choose_grayscale(survey)
             if hp.input_size == AUTO:
@@ -383,6 +333,21 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         size = self._settled("input_size")
         self.input_size = (int(size[0]), int(size[1]))
         self.channels = 1 if self._settled("grayscale") else 3
+
+    def survey(self) -> ImageSurvey:
+        """The median size of the labeled images (sampled), and whether they are gray; measured once."""
+        if getattr(self, "_survey", None) is None:
+            self._survey = survey_images(self.root, self._labeled_paths)
+        return self._survey
+
+    def scheme(self) -> dict:
+        """What generated CAPTCHAs must match to stand in for this folder's (``pretrain=auto``): the
+        charset, the lengths, the canvas (the images' median height and width), the input size and gray."""
+        self.resolve()
+        survey = self.survey()
+        return {"charset": self.charset.chars, "min_length": self.min_length, "max_length": self.max_length,
+                "canvas": (survey.height, survey.width), "input_size": tuple(self.input_size),
+                "grayscale": self.channels == 1}
 
     def label_spec(self) -> dict:
         """What the model must be built for: the charset, the length range and the input."""

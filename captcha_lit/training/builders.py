@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def _datasets_path(name: str = "") -> str:
-    from captcha_lit.data.folder import datasets_dir
+    from captcha_lit.data.files import datasets_dir
 
     return str(datasets_dir() / name)
 

@@ -55,7 +55,7 @@ def folder_run(tmp_path_factory, cache_dir):
         shutil.copyfile(source, images / source.name)
     (images / "2b3c4.png").write_bytes(b"truncated")
     out = tmp_path_factory.mktemp("folder_run")
-    overrides = ["data=folder", f"data.path={images}", "data.input_size=[32,96]", "data.skip_bad=true",
+    overrides = ["data=folder", f"data.path={images}", "pretrain=none", "data.input_size=[32,96]", "data.skip_bad=true",
                  f"data.cache_dir={cache_dir}", "data.batch_size=8", "data.train_samples_per_epoch=null", *QUIET_TRAINER, *SMALL_CRNN,
                  "trainer.max_epochs=1", "logger=csv"]
     cfg = _compose("train", overrides, out)
@@ -169,8 +169,8 @@ def test_datasets_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_the_folder_recipe_settles_its_choices_and_records_them(tmp_path, cache_dir):
     """data=folder with nothing else set: the step budget sets the length, and metrics.json says what was chosen."""
-    overrides = ["data=folder", f"data.path={TINY_FOLDER}", f"data.cache_dir={cache_dir}", *QUIET_TRAINER,
-                 *SMALL_CRNN, "step_budget.min_steps=12", "step_budget.max_steps=12", "logger=csv",
+    overrides = ["data=folder", f"data.path={TINY_FOLDER}", "pretrain=none", f"data.cache_dir={cache_dir}",
+                 *QUIET_TRAINER, *SMALL_CRNN, "step_budget.min_steps=12", "step_budget.max_steps=12", "logger=csv",
                  "data.batch_size=8", "data.train_samples_per_epoch=48"]  # 2 epochs of 6 batches
     cfg = _compose("train", overrides, tmp_path / "run")
     metrics = train(cfg)

@@ -1,0 +1,62 @@
+"""Where a folder's images and labels come from: the named datasets folder, the image files under
+a folder, labels from file names or a CSV, and the split of the files by a seeded hash of their paths."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from captcha_lit.preprocess import IMAGE_SUFFIXES
+
+
+def datasets_dir() -> Path:
+    """Where the named datasets live: $CAPTCHA_LIT_DATASETS, else ``../shared/datasets`` beside the project."""
+    env = os.environ.get("CAPTCHA_LIT_DATASETS")
+    if env:
+        return Path(os.path.expanduser(env))
+    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets").resolve()
+
+
+def label_from_name(relpath: str) -> str:
+    """``dir/AB12_3.png`` -> ``AB12``: the file name without extension, up to the first underscore."""
+    return Path(relpath).stem.split("_", 1)[0]
+
+
+def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+    """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
+    wanted = {e.lower() for e in extensions}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def read_labels_csv(csv_path: Path) -> list[tuple[str, str]]:
+    """Rows of (filename, label) from a CSV with a ``filename,label`` header."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if "filename" not in columns or "label" not in columns:
+                raise ValueError(
+                    f"labels CSV {str(csv_path)!r} needs a header with the columns filename,label; "
+                    f"it has {','.join(columns) or 'no header'}"
+                )
+            reader.fieldnames = columns
+            return [((row.get("filename") or "").strip(), (row.get("label") or "").strip()) for row in reader]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.labels_csv {str(csv_path)!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"labels CSV {str(csv_path)!r} is not UTF-8 text ({exc.reason})") from None
+
+
+def split_ranks(relpaths: Sequence[str], seed: int) -> list[int]:
+    """Indices of ``relpaths`` ordered by a seeded hash of each path alone."""
+    keys = [hashlib.sha256(f"{seed}:{p}".encode()).digest() for p in relpaths]
+    return sorted(range(len(relpaths)), key=lambda i: (keys[i], relpaths[i]))

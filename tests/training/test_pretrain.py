@@ -1,0 +1,81 @@
+"""pretrain=auto: a folder with few labels pre-trains on generated CAPTCHAs of its own scheme,
+cached by that scheme, then fine-tunes; pretrain=none and pretrain=PATH; the reasons it skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from captcha_lit.train import train
+from captcha_lit.training.pretrain import scheme_font_sizes, scheme_fonts
+from conftest import FIXTURES, QUIET_TRAINER, _compose
+
+TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 labeled 120x40 RGB CAPTCHAs, 4-6 characters
+SMALL = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "data.batch_size=8",
+         "data.train_samples_per_epoch=null", "trainer.max_epochs=1", "trainer.max_steps=-1", "trainer.min_steps=null"]
+TINY_PRETRAINING = ["pretraining.num_train=64", "pretraining.num_val=16", "pretraining.epochs=1",
+                    "pretraining.batch_size=16"]
+
+
+def _run(tmp_path: Path, cache_dir: Path, name: str, *overrides: str) -> dict:
+    cfg = _compose("train", ["data=folder", f"data.path={TINY_FOLDER}", f"data.cache_dir={cache_dir}", *QUIET_TRAINER,
+                             *SMALL, *overrides], tmp_path / name)
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_auto_pretrains_on_the_scheme_once_and_the_next_run_reuses_it(tmp_path, cache_dir):
+    first = _run(tmp_path, cache_dir, "first", *TINY_PRETRAINING)
+    choice = first["recipe"]["pretrain"]
+    checkpoint = Path(choice["value"])
+    assert checkpoint.is_file() and checkpoint.parent.parent == cache_dir
+    assert "33 training labels < pretraining.max_labels=1000" in choice["reason"]
+    meta = json.loads((checkpoint.parent / "meta.json").read_text())
+    scheme = meta["fields"]["scheme"]
+    # The generated CAPTCHAs match the folder: its charset and lengths, its 120x40 canvas, its input and colors.
+    assert scheme == {"charset": "2345678abcdefghkmnprstuvwxyz", "min_length": 4, "max_length": 6,
+                      "canvas": [40, 120], "input_size": [32, 96], "grayscale": False}
+    assert len(meta["fields"]["fonts"]) > 1  # the package's font and the DejaVu faces
+    pretrained = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert pretrained["datamodule_hyper_parameters"]["font_sizes"] == scheme_font_sizes(40)
+
+    folders = sorted(cache_dir.glob("pretrained-*"))
+    second = _run(tmp_path, cache_dir, "second", *TINY_PRETRAINING)
+    assert second["recipe"]["pretrain"]["value"] == str(checkpoint)
+    assert second["recipe"]["pretrain"]["reason"].endswith("(cached)")
+    assert sorted(cache_dir.glob("pretrained-*")) == folders  # nothing pre-trained again
+    # Building the pre-trained model or finding it cached leaves the fine-tuning run the same.
+    for key in ("test/loss", "test/seq_acc", "val/seq_acc_best", "global_step"):
+        assert second[key] == first[key], key
+
+    scratch = _run(tmp_path, cache_dir, "scratch", "pretrain=none")
+    assert scratch["recipe"]["pretrain"]["value"] == "none"
+    assert scratch["test/loss"] != first["test/loss"]  # the pre-trained start changed the run
+
+
+@pytest.mark.slow
+def test_enough_labels_train_from_scratch(tmp_path, cache_dir):
+    metrics = _run(tmp_path, cache_dir, "many", "pretraining.max_labels=20", *TINY_PRETRAINING)
+    assert metrics["recipe"]["pretrain"]["value"] == "none"
+    assert "33 training labels >= pretraining.max_labels=20" in metrics["recipe"]["pretrain"]["reason"]
+
+
+def test_generated_training_data_is_never_pretrained(tmp_path, cache_dir):
+    cfg = _compose("train", [f"data.cache_dir={cache_dir}", "debug=fast", "data.gen_workers=1", *QUIET_TRAINER],
+                   tmp_path / "run")
+    assert train(cfg)["recipe"]["pretrain"]["value"] == "none"
+
+
+def test_fonts_that_cannot_draw_the_charset_are_left_out():
+    usable, left_out = scheme_fonts(["default", "dejavu"], "AB7")
+    assert usable and not left_out
+    usable, left_out = scheme_fonts(["default", "dejavu"], "AB\u4e2d")  # no CJK glyphs in either
+    assert usable == [] and all("cannot draw" in note for note in left_out)
+
+
+def test_pretrain_path_and_init_from_are_exclusive(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="both name a checkpoint"):
+        _run(tmp_path, cache_dir, "both", "pretrain=some.ckpt", "init_from=other.ckpt")
