@@ -221,8 +221,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
             torch.set_num_threads(int(threads))
         rank = int(os.environ.get("SLURM_PROCID", 0))
-        log.info("SLURM job %s, task %d of %s, %s CPUs (torch threads), restart %s", os.environ.get("SLURM_JOB_ID"),
-                 rank, os.environ.get("SLURM_NTASKS", 1), threads or "all", os.environ.get("SLURM_RESTART_COUNT", 0))
+        # Into the job's log (Hydra sets up logging only inside the task).
+        print(f"SLURM job {os.environ.get('SLURM_JOB_ID')}, task {rank} of {os.environ.get('SLURM_NTASKS', 1)}, "
+              f"{threads or 'all'} CPUs (torch threads), restart {os.environ.get('SLURM_RESTART_COUNT', 0)}", flush=True)
         if rank > 0:
             from captcha_lit.training.distributed import rank_overrides  # torch: only on the node
 

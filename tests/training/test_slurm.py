@@ -72,8 +72,10 @@ def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | Non
 
 
 def _slurm_id(sweep: Path, job: int) -> str:
-    """The SLURM id of a sweep's job number ``job``: its array task, as named by its log folder."""
-    folders = list((sweep / "slurm").glob(f"*_{job}"))
+    """The SLURM id of a sweep's job number ``job``, as its log folder names it: ``<array>_<job>``, or the
+    job's own id in a one-job sweep (submitted as a plain job)."""
+    folders = [d for d in (sweep / "slurm").glob("*") if d.name.endswith(f"_{job}")
+               or job == 0 and d.name.isdigit() and any(d.glob("*_log.*"))]
     assert len(folders) == 1, folders
     return folders[0].name
 
@@ -98,15 +100,16 @@ def test_sweep_on_the_queue_survives_requeue_and_preemption(slurm, tmp_path, cac
     sweep = tmp_path / "sweep"
     proc = _start([f"hydra.sweep.dir={sweep}", "seed=7,7,7", "data.num_train=640", "trainer.max_epochs=4", *SMALL],
                   slurm, cache_dir)
-    lost = {}
+    for job in (0, 1):
+        _wait_for((sweep / str(job) / "checkpoints" / "last.ckpt").exists, 120, f"job {job}'s first epoch", proc)
     for job, stop in ((0, ["scontrol", "requeue"]), (1, ["scancel", "--signal=USR2"])):
-        ckpt_dir = sweep / str(job) / "checkpoints"
-        _wait_for((ckpt_dir / "last.ckpt").exists, 120, f"job {job}'s first epoch", proc)
-        slurm_id = _slurm_id(sweep, job)
-        subprocess.run([*stop, slurm_id], env=slurm.env, check=True, timeout=30)
-        _wait_for(lambda: _state(slurm, slurm_id) == "PENDING", 60, f"job {job} back in the queue")
+        subprocess.run([*stop, _slurm_id(sweep, job)], env=slurm.env, check=True, timeout=30)
+    lost = {}
+    for job in (0, 1):
+        _wait_for(lambda: _state(slurm, _slurm_id(sweep, job)) == "PENDING", 60, f"job {job} back in the queue")
         # interrupted.ckpt: the epoch it was in when stopped; last.ckpt: the end of its last full epoch,
         # which the next run continues from (SLURM holds a requeued job for a while: nothing overwrote it yet).
+        ckpt_dir = sweep / str(job) / "checkpoints"
         lost[job] = _epoch(ckpt_dir / "interrupted.ckpt") - (_epoch(ckpt_dir / "last.ckpt") + 1)
     code, out, err = _finish(proc)
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
