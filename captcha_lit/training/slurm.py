@@ -73,7 +73,7 @@ def _seconds(slurm_time: str) -> int | None:
 
 def _last_error_line(log_file: Path) -> str:
     lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines()] if log_file.exists() else []
-    errors = [line for line in lines if line.startswith("error:") or re.match(r"^\w+(\.\w+)*(Error|Exception):", line)]
+    errors = [line for line in lines if "error:" in line or re.match(r"^\w+(\.\w+)*(Error|Exception):", line)]
     return (errors or [line for line in lines if line] or ["(its log is empty)"])[-1]
 
 
@@ -201,7 +201,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 time.sleep(_POLL_S)
         failed = [w.failure for w in watches.values() if w.failure]
         if failed:
-            raise JobFailed(failed[0] if len(failed) == 1 else f"{failed[0]} ({len(failed)} of {len(jobs)} jobs failed)")
+            more = f" | and {len(failed) - 3} more of {len(jobs)} jobs" if len(failed) > 3 else ""
+            raise JobFailed(" | ".join(failed[:3]) + more)
         return [watches[job.job_id].result for job in jobs]
 
     @staticmethod

@@ -44,8 +44,8 @@ def _env(cluster: LocalSlurm, cache_dir: Path) -> dict:
 
 
 def _start(args: list[str], cluster: LocalSlurm, cache_dir: Path) -> subprocess.Popen:
-    """``python -m captcha_lit.train -m <args>`` on tiny data, submitting to ``cluster``."""
-    cmd = [PYTHON, "-m", "captcha_lit.train", "-m", *LAUNCHER, *args, f"data.cache_dir={cache_dir}", *TINY]
+    """``python -m captcha_lit.train -m <args>`` on tiny data (``args`` win), submitting to ``cluster``."""
+    cmd = [PYTHON, "-m", "captcha_lit.train", "-m", *LAUNCHER, f"data.cache_dir={cache_dir}", *TINY, *args]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(cluster, cache_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -172,15 +172,25 @@ def _error_line(code: int, err: str) -> str:
     return lines[-1]
 
 
-def test_a_job_that_fails_on_its_node_names_its_error_and_log(slurm, tmp_path, cache_dir):
+def test_jobs_that_fail_on_their_node_name_their_errors_and_logs(slurm, tmp_path, cache_dir):
+    """Job 0 stops on bad input (an entry point's one-line error), job 1 is cancelled while it trains
+    (it dies without a result); the sweep waits for both and names both, in one line."""
     sweep = tmp_path / "fails"
     missing = tmp_path / "nowhere" / "model.ckpt"
-    code, out, err = _finish(_start([f"hydra.sweep.dir={sweep}", f"init_from={missing}", "debug=fast", *SMALL],
-                                    slurm, cache_dir))
+    proc = _start([f"hydra.sweep.dir={sweep}", f"init_from={missing},null", "data.num_train=640", *SMALL],
+                  slurm, cache_dir)
+    _wait_for((sweep / "1" / "checkpoints" / "last.ckpt").exists, 120, "job 1's first epoch", proc)
+    subprocess.run(["scancel", _slurm_id(sweep, 1)], env=slurm.env, check=True, timeout=30)
+    code, out, err = _finish(proc)
     line = _error_line(code, err)
-    log_file = sweep / "slurm" / _slurm_id(sweep, 0) / f"{_slurm_id(sweep, 0)}_0_log.err"
-    assert f"job 0 (SLURM job {_slurm_id(sweep, 0)}) failed on its node: checkpoint '{missing}' does not exist" in line
-    assert line.endswith(f"its log: {log_file}") and log_file.is_file()
+    logs = {job: sweep / "slurm" / _slurm_id(sweep, job) / f"{_slurm_id(sweep, job)}_0_log.err" for job in (0, 1)}
+    first, second = line.removeprefix("error: ").split(" | ")
+    assert first == (f"job 0 (SLURM job {_slurm_id(sweep, 0)}) failed on its node: checkpoint '{missing}' does not "
+                     "exist; train one with `make train` or `python -m captcha_lit.train`, then look in "
+                     f"outputs/train/runs/*/checkpoints/; its log: {logs[0]}")
+    assert re.fullmatch(rf"job 1 \(SLURM job {_slurm_id(sweep, 1)}\) failed on its node: CANCELLED, .*CANCELLED AT .*; "
+                        rf"its log: {re.escape(str(logs[1]))}", second), second
+    assert all(log.is_file() for log in logs.values())
 
 
 def test_a_time_limit_shorter_than_an_epoch_is_an_error(slurm, tmp_path, cache_dir):
