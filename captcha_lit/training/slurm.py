@@ -221,10 +221,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             import torch
 
             torch.set_num_threads(int(threads))
+            threads = torch.get_num_threads()
         rank = int(os.environ.get("SLURM_PROCID", 0))
         # Into the job's log (Hydra sets up logging only inside the task).
         print(f"SLURM job {os.environ.get('SLURM_JOB_ID')}, task {rank} of {os.environ.get('SLURM_NTASKS', 1)}, "
-              f"{threads or 'all'} CPUs (torch threads), restart {os.environ.get('SLURM_RESTART_COUNT', 0)}", flush=True)
+              f"restart {os.environ.get('SLURM_RESTART_COUNT', 0)}, torch threads: {threads or 'the default'}", flush=True)
         if rank > 0:
             from captcha_lit.training.distributed import rank_overrides  # torch: only on the node
 

@@ -125,9 +125,9 @@ def test_sweep_on_the_queue_survives_requeue_and_preemption(slurm, tmp_path, cac
     assert re.search(r"job 0 \(SLURM job \S+\) done: .*, requeued 1x", launcher_log)
     assert re.search(r"job 1 \(SLURM job \S+\) done: .*, requeued 1x", launcher_log)
     assert re.search(r"job 2 \(SLURM job \S+\) done: queued \d+ s, ran \d+ s, total \d+ s\n", launcher_log)
-    job_logs = sweep / "slurm" / _slurm_id(sweep, 2)
-    assert "restart 0" in (job_logs / f"{_slurm_id(sweep, 2)}_0_log.out").read_text() + \
-        (job_logs / f"{_slurm_id(sweep, 2)}_0_log.err").read_text()  # one run, its first
+    runs = {job: re.findall(r"restart (\d+),", (sweep / "slurm" / _slurm_id(sweep, job) /
+                                               f"{_slurm_id(sweep, job)}_0_log.out").read_text()) for job in (0, 1, 2)}
+    assert runs == {0: ["0", "1"], 1: ["0", "1"], 2: ["0"]}  # SLURM ran jobs 0 and 1 twice, job 2 once
     with open(sweep / "summary.csv", newline="") as handle:
         assert [r["status"] for r in csv.DictReader(handle)] == ["done"] * 3  # the report gathers every job
     times = _times(launcher_log)
@@ -149,7 +149,7 @@ def test_ddp_job_takes_its_ranks_from_slurm(slurm, tmp_path, cache_dir, make_cfg
     logs = {rank: "".join(p.read_text() for p in (sweep / "slurm" / slurm_id).glob(f"{slurm_id}_{rank}_log.*"))
             for rank in (0, 1)}
     for rank in (0, 1):  # two srun tasks, each a rank that Lightning read from SLURM_PROCID
-        assert f"task {rank} of 2" in logs[rank]
+        assert f"task {rank} of 2, restart 0, torch threads: 1" in logs[rank]  # --cpus-per-task=1
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in logs[rank]
     assert "final metrics" in logs[0] and "final metrics" not in logs[1]  # rank 0 alone writes metrics.json
     assert (sweep / "0" / "train_ddp_process_1.log").is_file()  # rank 1 logged into the job's directory
