@@ -85,8 +85,8 @@ def _state(cluster: LocalSlurm, slurm_id: str) -> str:
                           capture_output=True, text=True, timeout=30).stdout.strip()
 
 
-def _epoch(ckpt: Path) -> int:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _times(stdout_and_err: str) -> dict[int, tuple[int, int, int]]:
@@ -104,13 +104,15 @@ def test_sweep_on_the_queue_survives_requeue_and_preemption(slurm, tmp_path, cac
         _wait_for((sweep / str(job) / "checkpoints" / "last.ckpt").exists, 120, f"job {job}'s first epoch", proc)
     for job, stop in ((0, ["scontrol", "requeue"]), (1, ["scancel", "--signal=USR2"])):
         subprocess.run([*stop, _slurm_id(sweep, job)], env=slurm.env, check=True, timeout=30)
-    lost = {}
+    lost, finished = {}, {}
     for job in (0, 1):
         _wait_for(lambda: _state(slurm, _slurm_id(sweep, job)) == "PENDING", 60, f"job {job} back in the queue")
-        # interrupted.ckpt: the epoch it was in when stopped; last.ckpt: the end of its last full epoch,
-        # which the next run continues from (SLURM holds a requeued job for a while: nothing overwrote it yet).
+        # Epochs lost: those the job finished (validated, in the timeline of interrupted.ckpt, saved as it
+        # stopped) and the next run does not start after (last.ckpt; SLURM holds a requeued job for a while,
+        # so nothing overwrote it yet).
         ckpt_dir = sweep / str(job) / "checkpoints"
-        lost[job] = _epoch(ckpt_dir / "interrupted.ckpt") - (_epoch(ckpt_dir / "last.ckpt") + 1)
+        finished[job] = len(_checkpoint(ckpt_dir / "interrupted.ckpt")["callbacks"]["RunTimeline"]["points"])
+        lost[job] = finished[job] - (_checkpoint(ckpt_dir / "last.ckpt")["epoch"] + 1)
     code, out, err = _finish(proc)
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
 
@@ -131,7 +133,8 @@ def test_sweep_on_the_queue_survives_requeue_and_preemption(slurm, tmp_path, cac
     with open(sweep / "summary.csv", newline="") as handle:
         assert [r["status"] for r in csv.DictReader(handle)] == ["done"] * 3  # the report gathers every job
     times = _times(launcher_log)
-    print("\nqueue, run and total seconds per job:", times, "epochs lost:", lost)
+    print("\nqueue, run and total seconds per job:", times, "epochs finished before the stop:", finished,
+          "epochs lost:", lost)
 
 
 def test_ddp_job_takes_its_ranks_from_slurm(slurm, tmp_path, cache_dir, make_cfg):
