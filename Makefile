@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test test-fast bench serve tensorboard clean help
+.PHONY: setup slurm train test test-fast bench serve tensorboard clean help
 
 help:
 	@echo "make train      set up .venv, generate or reuse the dataset, train the default model, print test metrics"
-	@echo "make test       set up .venv and run the test suite"
+	@echo "make test       set up .venv and run the test suite (installs SLURM for its tests when root on Debian)"
 	@echo "make test-fast  the suite without the tests marked slow (a couple of minutes at most)"
 	@echo "make bench      run the accuracy and speed benchmarks (writes outputs/bench/)"
 	@echo "make serve      serve the newest trained checkpoint over HTTP (MODEL=path.ckpt|.onnx to choose one)"
@@ -26,10 +26,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[deploy,viz,dev,scale]"
 	touch $(STAMP)
 
+# The SLURM tests start a one-node cluster from Debian's slurm-wlm and munge. Installed where
+# this can be done (root, apt-get); elsewhere those tests skip and say why.
+SLURM_PACKAGES := slurm-wlm munge
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for program in slurmctld slurmd munged sbatch; do command -v $$program >/dev/null || missing="$$missing $$program"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(SLURM_PACKAGES) for the SLURM tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SLURM_PACKAGES); } >/dev/null || echo "could not install $(SLURM_PACKAGES): the SLURM tests will skip"; \
+	else echo "$(SLURM_PACKAGES) not installed (it takes root and apt-get): the SLURM tests will skip"; fi
+
 train: $(STAMP)
 	$(PY) -m captcha_lit.train $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) slurm
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)

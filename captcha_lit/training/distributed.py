@@ -27,10 +27,16 @@ import torch
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
+def rank_overrides(job_name: str, rank: int) -> list[str]:
+    """Hydra overrides for a rank other than 0 of a job: its own log file (``<job>_ddp_process_<rank>.log``),
+    and no ``.hydra/`` folder, which rank 0 writes. Lightning's children and SLURM's tasks get them."""
+    return [f"hydra.job.name={job_name}_ddp_process_{rank}", "hydra.output_subdir=null"]
+
+
 def child_command(module: str, overrides: list[str], run_dir: str, local_rank: int) -> list[str]:
     """The command that runs one job's rank ``local_rank`` into ``run_dir``."""
     return [sys.executable, "-m", module, *overrides, f'hydra.run.dir="{run_dir}"', "hydra.mode=RUN",
-            f"hydra.job.name=train_ddp_process_{local_rank}", "hydra.output_subdir=null"]
+            *rank_overrides(module.rsplit(".", 1)[-1], local_rank)]
 
 
 @contextlib.contextmanager

@@ -12,13 +12,16 @@ a directory used before. With ``resume=auto``:
 
 Every run records its config in ``run_config.json``; a directory whose run had a different
 config is never skipped or continued. With ``resume=false`` (the default) a directory
-with checkpoints is an error, as before.
+with checkpoints is an error, as before, except in a job that SLURM runs again
+(``SLURM_RESTART_COUNT`` >= 1: requeued after a preemption, a time limit or ``scontrol requeue``):
+that directory holds this job's own first try, so it is continued as with ``resume=auto``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -86,6 +89,10 @@ def resume_point(cfg: DictConfig, run_dir: str | Path, is_rank_zero: bool = True
     if mode not in (None, False, "auto"):
         raise ValueError(f"resume={mode!r}: use resume=auto (skip a finished run in the run directory, continue an "
                          "unfinished one) or resume=false (an existing run there is an error)")
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts and not mode:
+        log.info("SLURM runs this job again (restart %d): continuing it as with resume=auto", restarts)
+        mode = "auto"
     ckpt_dir = run_dir / "checkpoints"
     if cfg.get("ckpt_path"):
         pass  # an explicit checkpoint: the user chose

@@ -83,3 +83,20 @@ def test_crash_in_the_first_epoch_starts_afresh(make_cfg, tmp_path):
         resume_point(cfg, cfg.paths.output_dir)
     with pytest.raises(ValueError, match="resume='sometimes': use resume=auto"):
         resume_point(make_cfg("train", ["resume=sometimes"], name="bad"), tmp_path)
+
+
+def test_a_job_that_slurm_runs_again_continues_its_own_run(make_cfg, monkeypatch):
+    """resume=false refuses a directory with checkpoints, except in a job that SLURM requeued: that
+    directory holds the job's own first try (tests/training/test_slurm.py runs it on a real cluster)."""
+    cfg = make_cfg("train", [], name="requeued")
+    run_dir = Path(cfg.paths.output_dir)
+    assert resume_point(cfg, run_dir) == (None, None)  # the first try records its config
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"end of epoch 1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        resume_point(cfg, run_dir)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resume_point(cfg, run_dir) == (str(run_dir / "checkpoints" / "last.ckpt"), None)
+    with pytest.raises(ValueError, match="different config"):
+        resume_point(make_cfg("train", ["optimizer.lr=0.002"], name="requeued"), run_dir)
