@@ -29,7 +29,7 @@ from captcha_lit.training.checkpoints import init_from_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
-from captcha_lit.utils import check_model_path, entry_point, flatten, output_dir, write_json
+from captcha_lit.utils import check_model_path, entry_point, flatten, machine_description, output_dir, write_json
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.time()
@@ -105,6 +105,7 @@ def train(cfg: DictConfig) -> dict:
         "timeline": timeline.points,
         "plots": written_files(trainer.callbacks),
         "recipe": recipe,
+        "machine": _machine(trainer),
     }
     for lg in trainer.loggers:
         lg.log_metrics({"hp/val_seq_acc_best": metrics["val/seq_acc_best"] or 0.0,
@@ -138,6 +139,16 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_p
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     return fit_metrics, test_metrics
+
+
+def _machine(trainer: L.Trainer) -> str:
+    """What the run trained on, for the wall time to mean something: the CPU, and any accelerator."""
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        return machine_description()
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else type(trainer.accelerator).__name__
+    return f"{trainer.num_devices} x {device}, {machine_description()}"
 
 
 def _takes_metrics(logger) -> bool:

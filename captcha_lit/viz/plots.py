@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from captcha_lit.viz.analysis import MISSING, ErrorReport, align
+from captcha_lit.viz.analysis import MISSING, ErrorReport, Reliability, align
 
 GREEN = (0, 140, 60)
 RED = (210, 30, 30)
@@ -286,6 +286,32 @@ def learning_curves_figure(scalars: dict[str, list[tuple[int, float]]], title: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def reliability_figure(bins: Reliability, title: str = "Reliability"):
+    """Accuracy against confidence per confidence bin, beside the diagonal a calibrated model follows,
+    with the share of answers in each bin below it; the title gives the expected calibration error."""
+    fig = _figure(5.5, 5.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    width = np.diff(bins.edges)
+    centers = bins.edges[:-1] + width / 2
+    filled = bins.count > 0
+    top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="calibrated")
+    top.bar(centers[filled], bins.accuracy[filled], width=width[filled] * 0.9, color="#4c72b0", label="accuracy")
+    top.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="C1", markersize=4,
+             label="mean confidence of the bin")
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy of the answers")
+    top.legend(fontsize=8, loc="upper left")
+    top.grid(alpha=0.3)
+    total = max(int(bins.count.sum()), 1)
+    bottom.bar(centers, bins.count / total, width=width * 0.9, color="gray")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence of the answer")
+    bottom.set_ylabel("share")
+    top.set_title(f"{title}: expected calibration error {bins.expected_calibration_error:.3f} "
+                  f"({total} answers)", fontsize=10)
     return fig
 
 
