@@ -32,7 +32,15 @@ from captcha_lit.training.resume import resume_point
 from captcha_lit.utils import check_model_path, entry_point, flatten, machine_description, output_dir, write_json
 
 log = logging.getLogger(__name__)
-_PROCESS_START = time.time()
+_process_start: float | None = time.time()
+
+
+def _run_start() -> float:
+    """When this run's wall time starts: the process start for its first run (the imports are part of
+    the wait), now for each later run of a multirun in the same process (the basic and joblib launchers)."""
+    global _process_start
+    start, _process_start = _process_start or time.time(), None
+    return start
 
 
 def train(cfg: DictConfig) -> dict:
@@ -40,7 +48,7 @@ def train(cfg: DictConfig) -> dict:
 
     With ``resume=auto``, a run directory that holds a finished run returns its recorded
     metrics without training, and one with ``checkpoints/last.ckpt`` continues from it."""
-    start = time.time()
+    start = _run_start()
     out_dir = output_dir(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
@@ -69,7 +77,7 @@ def train(cfg: DictConfig) -> dict:
     lengths = settle_training_length(cfg, len(files["train"]) if files else None)
     recipe.update({f"trainer.{key}": choice.to_dict() for key, choice in lengths.items()})
 
-    timeline = RunTimeline(start_time=min(_PROCESS_START, start))
+    timeline = RunTimeline(start_time=start)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False,

@@ -152,7 +152,9 @@ def audit(cfg: DictConfig, task_overrides: Sequence[str] = (), hydra_overrides: 
     fixed = forwarded_overrides(task_overrides, data_choice, datamodule.root, [LABELS_KEY, *(k for k, _ in axes)])
     how = [o for o in _HOW if _key(o) not in {_key(f) for f in fixed}]
     launcher = [o for o in hydra_overrides if _key(o).startswith(("hydra/launcher", "hydra.launcher"))]
-    command = shlex.join(["python", "-m", "captcha_lit.audit", *task_overrides, *launcher])
+    # The audit's folder (hydra.run.dir) and launcher are part of "the same command".
+    command = shlex.join(["python", "-m", "captcha_lit.audit", *task_overrides,
+                          *(o for o in hydra_overrides if _key(o) != "hydra.mode")])
     sweep_dir = out_dir / RUNS
     with _only_audit_in(out_dir):
         _check_record(out_dir, fixed)

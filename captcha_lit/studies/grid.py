@@ -93,7 +93,7 @@ def grid_axes(cfg: DictConfig) -> list[tuple[str, list]]:
     """The axes besides the label count: ``audit.grid``'s, then self-training where
     ``data.unlabeled_path`` is given. Each key must be one of the train config's."""
     axes = []
-    grid = cfg.audit.get("grid") or {}
+    grid = _flat(cfg.audit.get("grid") or {})
     for key, values in grid.items():
         if key == LABELS_KEY:
             raise ValueError(f"audit.grid.{LABELS_KEY}: the label counts are audit.labels=[...]")
@@ -108,6 +108,17 @@ def grid_axes(cfg: DictConfig) -> list[tuple[str, list]]:
     if unlabeled is not None and SELF_TRAINING_KEY not in grid:
         axes.append((SELF_TRAINING_KEY, [None, unlabeled]))
     return axes
+
+
+def _flat(node: DictConfig, prefix: str = "") -> dict:
+    """``{model: {dim: [32, 64]}}`` (from ``+audit.grid.model.dim=[32,64]``) -> ``{"model.dim": [32, 64]}``."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def grid_points(labels: Sequence[int], axes: Sequence[tuple[str, list]]) -> list[Point]:

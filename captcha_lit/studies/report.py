@@ -110,7 +110,8 @@ def errors_image(result: PointResult, root: Path, limit: int) -> Image.Image | N
     rows = result.predictions
     order = analysis.gallery_order([r["text"] for r in rows], [r["prediction"] for r in rows],
                                    [r["confidence"] for r in rows])
-    wrong = [rows[i] for i in order if not rows[i]["right"] and rows[i].get("file")][:limit]
+    wrong = [rows[i] for i in order if not rows[i]["right"] and rows[i].get("file") and (root / rows[i]["file"]).is_file()]
+    wrong = wrong[:limit]
     if not wrong:
         return None
     images = [Image.open(root / row["file"]).convert("RGB") for row in wrong]
