@@ -131,7 +131,8 @@ def is_finished(point: Point, sweep_dir: Path) -> bool:
 
 
 def override_value(value: Any) -> str:
-    """A Python value as Hydra override syntax; strings are quoted, so ``'none'`` stays a string."""
+    """A Python value as Hydra override syntax; a string is quoted where Hydra would read it as something
+    else (``'null'``, ``'1'``, ``'a,b'``), so every job gets exactly the value given."""
     if value is None:
         return "null"
     if isinstance(value, bool):

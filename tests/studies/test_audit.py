@@ -25,9 +25,9 @@ from conftest import FIXTURES, PYTHON, QUIET_TRAINER, REPO_ROOT, _compose, cli_e
 
 TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 images: 33 train, 5 val, 10 test
 NUM_TRAIN = 33
-# A small model on small inputs; 50 batches of 8 per epoch, 3 epochs per run.
+# A small model on small inputs; 30 batches of 8 per epoch, 3 epochs per run.
 TINY_RUN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "data.input_size=[32,96]",
-            "data.batch_size=8", "trainer.max_steps=150", "logger=csv", *QUIET_TRAINER]
+            "data.batch_size=8", "data.train_samples_per_epoch=240", "trainer.max_steps=90", "logger=csv", *QUIET_TRAINER]
 
 
 # ---- the numbers -----------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_tiny_audit_is_interrupted_continues_and_writes_its_report(tmp_path, cac
     assert (first / "metrics.json").stat().st_mtime_ns == finished_at  # not trained again
     resumed = json.loads((second / "metrics.json").read_text())
     assert resumed["resumed_from"] == str(second / "checkpoints" / "last.ckpt")
-    assert resumed["global_step"] == 150
+    assert resumed["global_step"] == 90
 
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
