@@ -98,9 +98,13 @@ def time_figure(results: Sequence[PointResult], num_train: int, machine: str):
 def confused_figure(pairs: list[dict]):
     fig = plots.new_figure(6.0, max(2.0, 0.3 * len(pairs) + 1.0))
     ax = fig.add_subplot()
-    names = [f"{p['true']} read as {p['predicted']}" for p in pairs][::-1]
+    from matplotlib.ticker import MaxNLocator
+
+    names = [f"{p['predicted']} added" if p["true"] == analysis.MISSING else f"{p['true']} dropped"
+             if p["predicted"] == analysis.MISSING else f"{p['true']} read as {p['predicted']}" for p in pairs][::-1]
     ax.barh(names, [p["count"] for p in pairs][::-1], color="#c44e52")
-    ax.set_xlabel(f"count in the test split ({analysis.MISSING}: a dropped or added character)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("times in the test split")
     ax.set_title("Most confused characters", fontsize=10)
     return fig
 
