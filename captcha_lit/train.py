@@ -30,10 +30,18 @@ from captcha_lit.training.pretrain import pretrain_mode, pretrained_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
-from captcha_lit.utils import check_model_path, entry_point, flatten, output_dir, write_json
+from captcha_lit.utils import check_model_path, entry_point, flatten, machine_description, output_dir, write_json
 
 log = logging.getLogger(__name__)
-_PROCESS_START = time.time()
+_process_start: float | None = time.time()
+
+
+def _run_start() -> float:
+    """When this run's wall time starts: the process start for its first run (the imports are part of
+    the wait), now for each later run of a multirun in the same process (the basic and joblib launchers)."""
+    global _process_start
+    start, _process_start = _process_start or time.time(), None
+    return start
 
 
 def train(cfg: DictConfig) -> dict:
@@ -41,7 +49,7 @@ def train(cfg: DictConfig) -> dict:
 
     With ``resume=auto``, a run directory that holds a finished run returns its recorded
     metrics without training, and one with ``checkpoints/last.ckpt`` continues from it."""
-    start = time.time()
+    start = _run_start()
     out_dir = output_dir(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
@@ -82,7 +90,7 @@ def train(cfg: DictConfig) -> dict:
     lengths = settle_training_length(cfg, len(files["train"]) if files else None)
     recipe.update({f"trainer.{key}": choice.to_dict() for key, choice in lengths.items()})
 
-    timeline = RunTimeline(start_time=min(_PROCESS_START, start))
+    timeline = RunTimeline(start_time=start)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -118,6 +126,7 @@ def train(cfg: DictConfig) -> dict:
         "timeline": timeline.points,
         "plots": written_files(trainer.callbacks),
         "recipe": recipe,
+        "machine": _machine(trainer),
     }
     for lg in trainer.loggers:
         lg.log_metrics({"hp/val_seq_acc_best": metrics["val/seq_acc_best"] or 0.0,
@@ -151,6 +160,16 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_p
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     return fit_metrics, test_metrics
+
+
+def _machine(trainer: L.Trainer) -> str:
+    """What the run trained on, for the wall time to mean something: the CPU, and any accelerator."""
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        return machine_description()
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else type(trainer.accelerator).__name__
+    return f"{trainer.num_devices} x {device}, {machine_description()}"
 
 
 def _takes_metrics(logger) -> bool:

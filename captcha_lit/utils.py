@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import platform
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,6 +35,27 @@ def available_cores() -> int:
     """The cores this process may run on: its CPU affinity, which a container or ``taskset``
     can set below ``os.cpu_count()``."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_description() -> str:
+    """``AMD EPYC, 2 cores, 24 GiB``: the CPU model, the cores this process may use, and memory."""
+    model, memory_gib = platform.processor() or platform.machine(), None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = int(line.split()[1]) / 2**20  # the file counts in KiB
+                break
+    except OSError:  # not Linux
+        pass
+    cores = available_cores()
+    parts = [model or "unknown CPU", f"{cores} cores"]
+    if memory_gib is not None:
+        parts.append(f"{memory_gib:.0f} GiB")
+    return ", ".join(parts)
 
 
 # kind -> (how to pass one, how to get one, its file suffix)

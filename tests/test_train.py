@@ -228,6 +228,9 @@ def test_multirun_sweep_summary(tmp_path, cache_dir):
         metrics = _read_metrics(sweep / job)
         for key in TEST_KEYS:
             assert key in metrics
+    # Both jobs ran in one process; the second one's wall time is its own, not the process's.
+    done = [(sweep / job / "metrics.json").stat().st_mtime for job in ("0", "1")]
+    assert 0 < _read_metrics(sweep / "1")["wall_time_s"] <= done[1] - done[0]
     with open(sweep / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["job"] for r in rows] == ["0", "1"]

@@ -14,8 +14,6 @@ Metric names carry no run or median suffix: the ``seeds`` column says which row 
 from __future__ import annotations
 
 import csv
-import os
-import platform
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from captcha_lit.bench.common import ROOT
 from captcha_lit.bench.training import TRAINING
+from captcha_lit.utils import machine_description
 
 COLUMNS = ("benchmark", "metric", "value", "seeds", "date", "commit", "machine", "command")
 
@@ -48,27 +47,6 @@ def git_commit(repo: Path = ROOT) -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return commit + ("+dirty" if dirty else "")
-
-
-def machine_description() -> str:
-    """``AMD EPYC, 2 cores, 24 GiB``: the CPU model, the cores this process may use, and memory."""
-    model, memory_gib = platform.processor() or platform.machine(), None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory_gib = int(line.split()[1]) / 2**20  # the file counts in KiB
-                break
-    except OSError:  # not Linux
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [model or "unknown CPU", f"{cores} cores"]
-    if memory_gib is not None:
-        parts.append(f"{memory_gib:.0f} GiB")
-    return ", ".join(parts)
 
 
 def current_provenance() -> Provenance:

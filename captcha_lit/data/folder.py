@@ -287,10 +287,14 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         if len(ranked) - num_test - num_val < 1:
             raise ValueError(
                 f"{len(ranked)} usable images are too few for data.val_fraction={hp.val_fraction} and "
-                f"data.test_fraction={hp.test_fraction}: no image is left to train on"
+                f"data.test_fraction={hp.test_fraction}: no image is left to train on; add labeled images to "
+                f"{self.root} (at least {num_test + num_val + 1})"
             )
         train = ranked[num_test + num_val:]
         if hp.get("train_limit") is not None:
+            if int(hp.train_limit) > len(train):
+                raise ValueError(f"data.train_limit={hp.train_limit} is more than the {len(train)} images of the training "
+                                 f"split of {self.root}; pass at most {len(train)}, or data.train_limit=null for all")
             # A prefix of the hash ranking: a random subset, and each smaller limit is a subset of a
             # larger one, so learning curves over train_limit compare nested training sets.
             train = train[:int(hp.train_limit)]

@@ -269,6 +269,45 @@ class ErrorAnalysis(_Pictures):
             log.info("error analysis of %d test texts written to %s", len(truths), self.dirpath)
 
 
+class TestPredictions(L.Callback):
+    """At the end of a test run, every test image's true text, prediction and confidence in ``path``
+    (columns ``index``, ``file``, ``text``, ``prediction``, ``confidence``, ``right``): what
+    coverage, calibration and an audit's sample errors are computed from. ``file`` is the image's
+    path under a folder's root (empty for generated data, and under DDP, whose ranks interleave
+    the split); ``index`` is its place in the test split (empty under DDP)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.files: dict[str, Path] = {}
+        self._rows: list[tuple[str, str, float]] = []
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._rows = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(outputs, dict) and outputs.get("preds") is not None:
+            confidences = outputs.get("confidences") or [float("nan")] * len(outputs["preds"])
+            self._rows += [(t, p, float(c)) for t, p, c in zip(_texts(pl_module, batch), outputs["preds"], confidences)]
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        rows, ordered = self._rows, trainer.world_size == 1
+        if not ordered and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not rows or not trainer.is_global_zero:
+            return
+        files = (getattr(trainer.datamodule, "files", None) or {}).get("test") if ordered else None
+        files = files if files is not None and len(files) == len(rows) else None
+        self.files["test_predictions"] = writers.write_csv(self.path, [
+            {"index": i if ordered else "", "file": files[i] if files else "", "text": text, "prediction": pred,
+             "confidence": round(confidence, 6), "right": text == pred}
+            for i, (text, pred, confidence) in enumerate(rows)], PREDICTION_COLUMNS)
+
+
+PREDICTION_COLUMNS = ("index", "file", "text", "prediction", "confidence", "right")
+
+
 class LearningCurves(L.Callback):
     """At the end of fit, train and val loss and accuracy against the step, read back from what the
     run's loggers recorded (TensorBoard event files or a CSVLogger's metrics.csv): ``learning_curves.png``."""

@@ -21,12 +21,16 @@ The test-time callback, eval and ``captcha_lit.visualize`` share these definitio
   misread ones too, and a confusion shows as a point among another character's cluster.
   Models whose positions all read one shared vector (``shared_position_features``) give
   one point per image.
+- **Confidence.** ``accuracy_at_coverage`` scores the most confident answers only, as a solver
+  that retries unsure CAPTCHAs would; ``reliability`` bins answers by confidence for a
+  reliability diagram and the expected calibration error.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +145,55 @@ def gallery_order(truths: Sequence[str], preds: Sequence[str], confidences: Sequ
     wrong.sort(key=lambda i: -confidences[i])
     right.sort(key=lambda i: confidences[i])
     return wrong + right
+
+
+def accuracy_at_coverage(confidences: Sequence[float], correct: Sequence[bool], coverage: float) -> float | None:
+    """The accuracy of the answers kept when the least confident ``1 - coverage`` of them are dropped:
+    what a solver scores that answers only when sure and asks for another CAPTCHA otherwise.
+    The ``ceil(coverage * N)`` most confident answers are kept (ties in the order given); None for no answers."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage={coverage} must be in (0, 1]")
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences but {len(correct)} right/wrong values")
+    if not len(confidences):
+        return None
+    kept = sorted(range(len(confidences)), key=lambda i: -confidences[i])[:math.ceil(coverage * len(confidences) - 1e-9)]
+    return sum(bool(correct[i]) for i in kept) / len(kept)
+
+
+@dataclass
+class Reliability:
+    """Confidence against accuracy in equal-width confidence bins (a reliability diagram)."""
+
+    edges: np.ndarray  # (bins + 1,) from 0 to 1
+    count: np.ndarray  # answers per bin
+    confidence: np.ndarray  # their mean confidence (nan in an empty bin)
+    accuracy: np.ndarray  # the share of them that is right (nan in an empty bin)
+
+    @property
+    def expected_calibration_error(self) -> float:
+        """The mean gap between confidence and accuracy, each bin weighted by its share of the answers."""
+        filled = self.count > 0
+        total = self.count.sum()
+        if not total:
+            return 0.0
+        gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float((self.count[filled] / total * gaps).sum())
+
+
+def reliability(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -> Reliability:
+    """Bin answers by confidence (the last bin includes 1.0) -> counts, mean confidence and accuracy per bin."""
+    if bins < 1:
+        raise ValueError(f"bins={bins} must be at least 1")
+    conf = np.clip(np.asarray(confidences, dtype=np.float64), 0.0, 1.0)
+    right = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(which, weights=conf, minlength=bins) / count
+        accuracy = np.bincount(which, weights=right, minlength=bins) / count
+    return Reliability(edges, count, confidence, accuracy)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from captcha_lit.viz.analysis import MISSING, ErrorReport, align
+from captcha_lit.viz.analysis import MISSING, ErrorReport, Reliability, align
 
 GREEN = (0, 140, 60)
 RED = (210, 30, 30)
@@ -126,7 +126,8 @@ def prediction_gallery(images, truths: Sequence[str], preds: Sequence[str], conf
 
 
 # ---- charts (matplotlib) ----------------------------------------------------------------
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib figure off pyplot (no global state, no window), laid out to fit its labels."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -162,7 +163,7 @@ def confusion_figure(report: ErrorReport, title: str = "Confusion by character")
     rates = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
     n = len(report.labels)
     side = min(14.0, max(5.0, 0.28 * n + 2))
-    fig = _figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot()
     shown = ax.imshow(rates, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
     fig.colorbar(shown, ax=ax, shrink=0.8, label="share of the true character")
@@ -183,7 +184,7 @@ def confusion_figure(report: ErrorReport, title: str = "Confusion by character")
 
 def position_accuracy_figure(report: ErrorReport, title: str = "Accuracy per character position"):
     rows = report.position_accuracy()
-    fig = _figure(max(4.0, 0.7 * len(rows) + 2), 3.2)
+    fig = new_figure(max(4.0, 0.7 * len(rows) + 2), 3.2)
     ax = fig.add_subplot()
     positions = [r["position"] for r in rows]
     accuracy = [r["accuracy"] for r in rows]
@@ -219,7 +220,7 @@ def tsne_figure(coords: np.ndarray, panels: Sequence[tuple[str, Sequence[str]]],
     extent = float(np.ptp(coords, axis=0).max()) if len(coords) else 1.0
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig = _figure(6.0 * columns, 6.0 * rows + 0.4)
+    fig = new_figure(6.0 * columns, 6.0 * rows + 0.4)
     for k, (panel_title, labels) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, k + 1)
         labels = list(labels)
@@ -265,7 +266,7 @@ def learning_curves_figure(scalars: dict[str, list[tuple[int, float]]], title: s
     panels = [(name, curves) for name, curves in panels if curves]
     if not panels:
         return None
-    fig = _figure(6.0 * len(panels), 4.0)
+    fig = new_figure(6.0 * len(panels), 4.0)
     for k, (name, curves) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         drawn = set()
@@ -286,6 +287,32 @@ def learning_curves_figure(scalars: dict[str, list[tuple[int, float]]], title: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def reliability_figure(bins: Reliability, title: str = "Reliability"):
+    """Accuracy against confidence per confidence bin, beside the diagonal a calibrated model follows,
+    with the share of answers in each bin below it; the title gives the expected calibration error."""
+    fig = new_figure(5.5, 5.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    width = np.diff(bins.edges)
+    centers = bins.edges[:-1] + width / 2
+    filled = bins.count > 0
+    top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="calibrated")
+    top.bar(centers[filled], bins.accuracy[filled], width=width[filled] * 0.9, color="#4c72b0", label="accuracy")
+    top.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="C1", markersize=4,
+             label="mean confidence of the bin")
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy of the answers")
+    top.legend(fontsize=8, loc="upper left")
+    top.grid(alpha=0.3)
+    total = max(int(bins.count.sum()), 1)
+    bottom.bar(centers, bins.count / total, width=width * 0.9, color="gray")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence of the answer")
+    bottom.set_ylabel("share")
+    top.set_title(f"{title}\nexpected calibration error {bins.expected_calibration_error:.3f}, {total} answers",
+                  fontsize=10)
     return fig
 
 

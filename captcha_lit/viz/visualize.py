@@ -251,7 +251,7 @@ def write_index(out_dir: Path, cfg: DictConfig, summary: dict, report: analysis.
             body.append(f"<p>{html.escape(text)}</p>")
         if heading == "Most confused pairs":
             md.append(writers.markdown_table(pairs, writers.PAIR_COLUMNS) if pairs else "No character was confused.\n")
-            body.append(_html_table(pairs, writers.PAIR_COLUMNS) if pairs else "<p>No character was confused.</p>")
+            body.append(writers.html_table(pairs, writers.PAIR_COLUMNS) if pairs else "<p>No character was confused.</p>")
         if image:
             md.append(f"![{heading}]({image})\n")
             body.append(f'<p><a href="{image}"><img src="{image}" alt="{html.escape(heading)}" '
@@ -261,18 +261,5 @@ def write_index(out_dir: Path, cfg: DictConfig, summary: dict, report: analysis.
             md.append("Data: " + ", ".join(f"[{link}]({link})" for link in links) + "\n")
             body.append("<p>Data: " + ", ".join(f'<a href="{link}">{html.escape(link)}</a>' for link in links) + "</p>")
     (out_dir / "index.md").write_text("\n".join(md))
-    (out_dir / "index.html").write_text(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
-        "<style>body{font-family:sans-serif;max-width:1500px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>\n"
-        + "\n".join(body) + "\n</body></html>\n")
+    (out_dir / "index.html").write_text(writers.html_page(title, body))
     return out_dir / "index.md", out_dir / "index.html"
-
-
-def _html_table(rows: list[dict], columns) -> str:
-    def cell(value) -> str:
-        return html.escape(f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"

@@ -241,3 +241,10 @@ def test_train_limit_takes_nested_subsets_and_keeps_val_and_test(tmp_path, cache
         assert full.files[split] == four.files[split] == two.files[split]
     with pytest.raises(ValueError, match="data.train_limit=0"):
         _dm(root, cache_dir, train_limit=0)
+    num_train = len(full.files["train"])
+    exact = _dm(root, cache_dir, train_limit=num_train)
+    exact.setup(None)
+    assert exact.files["train"] == full.files["train"]
+    with pytest.raises(ValueError, match=rf"data.train_limit={num_train + 1} is more than the {num_train} images of the "
+                                         rf"training split .*pass at most {num_train}, or data.train_limit=null"):
+        _dm(root, cache_dir, train_limit=num_train + 1).setup(None)

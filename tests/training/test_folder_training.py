@@ -3,6 +3,7 @@ and fine-tuning with init_from across charsets."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -86,6 +87,22 @@ def test_folder_fit_reports_the_metrics_of_its_test_files(folder_run, make_cfg, 
     truths = [Path(name).stem.split("_")[0] for name in test_files]
     for key, value in _scores(preds, truths).items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), (key, preds, truths)
+def test_folder_fit_writes_its_test_predictions(folder_run):
+    """test_predictions.csv: one row per test file, its label from the name, and the rows score test/seq_acc."""
+    _, metrics, out, _ = folder_run
+    with open(out / "test_predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    datamodule = build_datamodule(state["datamodule_hyper_parameters"])
+    datamodule.prepare_data()
+    assert [row["file"] for row in rows] == datamodule.files["test"]
+    assert [row["index"] for row in rows] == [str(i) for i in range(len(rows))]
+    assert [row["text"] for row in rows] == [Path(f).stem.split("_")[0] for f in datamodule.files["test"]]
+    assert all(row["right"] == str(row["text"] == row["prediction"]) for row in rows)
+    assert all(0.0 <= float(row["confidence"]) <= 1.0 for row in rows)
+    assert sum(row["right"] == "True" for row in rows) / len(rows) == pytest.approx(metrics["test/seq_acc"])
+
+
 def test_folder_fit_reports_bad_files(folder_run):
     _, _, out, _ = folder_run
     report = json.loads((out / "bad_files.json").read_text())
