@@ -39,7 +39,7 @@ from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
 from captcha_lit.data.survey import (Choice, choose_case, choose_grayscale, choose_input_size,
                                      choose_samples_per_epoch, survey_images)
-from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
+from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input, scan_images
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +62,6 @@ def datasets_dir() -> Path:
 def label_from_name(relpath: str) -> str:
     """``dir/AB12_3.png`` -> ``AB12``: the file name without extension, up to the first underscore."""
     return Path(relpath).stem.split("_", 1)[0]
-
-
-def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
-    """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
-    wanted = {e.lower() for e in extensions}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
 
 
 def read_labels_csv(csv_path: Path) -> list[tuple[str, str]]:
