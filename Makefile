@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup browser train test test-fast bench serve label tensorboard clean help
+.PHONY: setup browser train test test-fast bench serve tensorboard clean help
 
 help:
 	@echo "make train      set up .venv, generate or reuse the dataset, train the default model, print test metrics"
