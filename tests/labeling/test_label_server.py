@@ -92,3 +92,40 @@ def test_labels_are_checked_and_two_clients_do_not_overwrite_each_other(server):
         assert decide("tab2", "ZZZZZ", base="labeled:AB123").status_code == 200  # seen, and replaced on purpose
     rows = (folder / "labels.csv").read_text().splitlines()
     assert rows[0].startswith("filename,label") and len(rows) == 2 and ",ZZZZZ," in rows[1]
+
+
+@pytest.mark.slow
+def test_an_onnx_model_orders_the_folder_and_a_taken_port_is_named(server, exported_models, cache_dir, tmp_path):
+    """The page reads the folder with an exported model (onnxruntime, no torch): least sure first."""
+    from captcha_lit.deploy.runtime import Solver
+
+    _, folder, taken_port = server
+    onnx = exported_models["crnn"]["onnx"]
+    taken = subprocess.run([PYTHON, "-m", "captcha_lit.label", f"path={folder}", f"ckpt_path={onnx}",
+                            f"port={taken_port}", f"hydra.run.dir={tmp_path / 'taken'}"],
+                           cwd=REPO_ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 2 and f"port={taken_port} on 127.0.0.1 is not free" in taken.stderr
+
+    copy = tmp_path / "images"
+    copy.mkdir()
+    for path in folder.glob("img_*.png"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([PYTHON, "-m", "captcha_lit.label", f"path={copy}", f"ckpt_path={onnx}",
+                                 f"port={port}", f"hydra.run.dir={tmp_path / 'run'}"],
+                                cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/api/session", proc, log_path)
+        solver = Solver(onnx)
+        session = httpx.get(f"http://127.0.0.1:{port}/api/session").json()
+        assert session["model"]["id"] == solver.model_id and session["rules"]["charset"] == solver.spec.charset
+        view = httpx.get(f"http://127.0.0.1:{port}/api/state", params={"client": "tab"}).json()
+        shown = [item["path"] for item in view["items"]]
+        confidences = {p.name: solver.solve(p).confidence for p in copy.glob("*.png")}
+        assert shown == sorted(confidences, key=lambda p: (confidences[p], p))
+        assert view["items"][0]["reading"] == solver.solve(copy / shown[0]).text
+    finally:
+        proc.kill()
+        proc.wait(timeout=20)
