@@ -55,15 +55,17 @@ def create_app(session: LabelSession, *, host: str = "127.0.0.1") -> FastAPI:
     def session_info() -> dict:
         return session.info()
 
+    # The page's calls run on the event loop: a decision is a few milliseconds of work (its file is
+    # flushed to disk), and a hop to the thread pool would add to the time before the next image.
     @app.get("/api/state")
-    def state(client: str, index: int | None = None) -> dict:
+    async def state(client: str, index: int | None = None) -> dict:
         try:
             return session.goto(client, index)
         except IndexError as exc:
             raise HTTPException(404, str(exc)) from None
 
     @app.post("/api/label")
-    def decide(decision: Decision):
+    async def decide(decision: Decision):
         try:
             return session.act(decision.client, decision.index, decision.action, decision.label, decision.base)
         except IndexError as exc:

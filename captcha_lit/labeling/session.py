@@ -98,8 +98,8 @@ class LabelSession:
     # ---- navigation and decisions -------------------------------------------------------------
     def goto(self, client: str, index: int | None = None) -> dict:
         """The page's view at ``index``, or at the first pending image no other tab holds."""
-        self.store.refresh()
         with self._lock:
+            self.store.refresh()
             if index is None:
                 index = self._next_pending(-1, client)
             elif not 0 <= index < len(self.order):
@@ -119,12 +119,13 @@ class LabelSession:
             problem = self.rules.problem(label)
             if problem:
                 raise LabelProblem(problem)
-            reading = self.item(index)["reading"] if self.model_id else None
-            self.store.update(path, expected=base, label=label, model_reading=reading or "",
-                              model_id=self.model_id or "")
-        else:
-            self.store.update(path, expected=base, mark=ACTIONS[action])
-        with self._lock:
+        with self._lock:  # one decision at a time: the views read the labels that it changes
+            if action == "save":
+                reading = self.item(index)["reading"] if self.model_id else None
+                self.store.update(path, expected=base, label=label, model_reading=reading or "",
+                                  model_id=self.model_id or "")
+            else:
+                self.store.update(path, expected=base, mark=ACTIONS[action])
             return self._view(client, self._next_pending(index, client))
 
     def _next_pending(self, after: int, client: str) -> int | None:

@@ -7,12 +7,14 @@ import subprocess
 
 import httpx
 import pytest
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from captcha_lit.deploy.runtime import Solver
 from conftest import PYTHON, REPO_ROOT, cli_env, free_port, screenshot, wait_until_up
 from test_deploy import captcha_pngs
+
+pytest.importorskip("selenium", reason="the browser tests need selenium: pip install -e '.[dev]'")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
