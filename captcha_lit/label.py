@@ -1,7 +1,7 @@
 """Label a folder of CAPTCHAs in the browser (implementation: ``captcha_lit.labeling``).
 
-    python -m captcha_lit.label path=DIR                        # file order
-    python -m captcha_lit.label path=DIR ckpt_path=PATH         # .ckpt or .onnx: least sure first, its reading filled in
+    python -m captcha_lit.label path=DIR                    # file order
+    python -m captcha_lit.label path=DIR ckpt_path=PATH     # .ckpt or .onnx: least sure first, its reading filled in
 """
 
 from __future__ import annotations

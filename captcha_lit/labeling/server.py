@@ -69,7 +69,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise ValueError(f"port={port} on {host} is not free ({exc.strerror}); pass port=N with another one") from None
+            raise ValueError(f"port={port} on {host} is not free ({exc.strerror}); "
+                             "pass port=N with another one") from None
 
 
 def label(cfg: DictConfig) -> None:

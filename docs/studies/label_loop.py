@@ -134,8 +134,8 @@ def train(page: LabelPage, run_dir: Path, extra: list[str]) -> dict:
 def score(ckpt: str, test_dir: Path, truth: dict[str, str], run_dir: Path, fold_case: bool) -> float:
     """Sequence accuracy of ``ckpt`` on the held-out test images, by ``python -m captcha_lit.predict``."""
     preds = run_dir / "test_predictions.csv"
-    run([sys.executable, "-m", "captcha_lit.predict", f"ckpt_path={hydra_quoted(ckpt)}", f"inputs={test_dir}", f"output={preds}",
-         f"hydra.run.dir={run_dir / 'predict'}"], run_dir / "predict.log")
+    run([sys.executable, "-m", "captcha_lit.predict", f"ckpt_path={hydra_quoted(ckpt)}", f"inputs={test_dir}",
+         f"output={preds}", f"hydra.run.dir={run_dir / 'predict'}"], run_dir / "predict.log")
     with open(preds, newline="") as handle:
         rows = list(csv.DictReader(handle))
 
