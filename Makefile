@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup slurm train test test-fast bench serve tensorboard clean help
+.PHONY: setup browser slurm train test test-fast bench serve tensorboard clean help
 
 help:
 	@echo "make train      set up .venv, generate or reuse the dataset, train the default model, print test metrics"
@@ -16,7 +16,15 @@ help:
 	@echo "make tensorboard  serve TensorBoard on outputs/"
 	@echo "pass extra Hydra overrides with ARGS='model=cnn trainer.max_epochs=3'"
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The browser tests drive Debian's chromium and chromium-driver through Selenium: installed here
+# when missing (as root), never downloaded at run time. Without them those tests are skipped.
+browser:
+	@if command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser; } >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-liberation; \
+	else echo "the browser tests need chromium and chromedriver (as root: apt-get install chromium chromium-driver)"; fi
 
 # torch and torchvision are pinned to builds that exist for this platform; the
 # pyproject ranges admit them and newer compatible releases.
@@ -42,10 +50,10 @@ slurm:
 train: $(STAMP)
 	$(PY) -m captcha_lit.train $(ARGS)
 
-test: $(STAMP) slurm
+test: $(STAMP) browser slurm
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: $(STAMP)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 from captcha_lit.decoding import Solution
+from captcha_lit.spec import ModelSpec
 from captcha_lit.utils import entry_point, write_json
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,14 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
     return files
 
 
-def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
+def open_model(model_path: str, device: str = "cpu") -> tuple[ModelSpec, Callable[[np.ndarray], list[Solution]]]:
+    """A .ckpt (torch, ``read_images``) or an exported .onnx (onnxruntime, ``Solver``) -> its spec, and
+    a function from uint8 images at its input size, (N, H, W, C), to their solutions."""
+    if str(model_path).endswith(".onnx"):
+        from captcha_lit.deploy.runtime import Solver
+
+        solver = Solver(model_path)
+        return solver.spec, solver.solve_arrays
     import torch
 
     from captcha_lit.training.checkpoints import load_module
@@ -68,19 +76,12 @@ def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Cal
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module, _ = load_module(ckpt_path, map_location=device)
+    module, _ = load_module(model_path, map_location=device)
 
     def solve(images: np.ndarray) -> list[Solution]:
         return read_images(module, images).solutions
 
-    return module.spec.input_size, module.spec.channels, solve
-
-
-def _onnx_model(path: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
-    from captcha_lit.deploy.runtime import Solver
-
-    solver = Solver(path)
-    return solver.spec.input_size, solver.spec.channels, solver.solve_arrays
+    return module.spec, solve
 
 
 def predict_files(files: Sequence[Path], input_size: tuple[int, int], channels: int,
@@ -150,12 +151,8 @@ def predict(cfg: DictConfig) -> list[dict]:
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     files = collect_inputs(cfg.inputs)
-    model_path = str(cfg.ckpt_path)
-    if model_path.endswith(".onnx"):
-        input_size, channels, solve = _onnx_model(model_path)
-    else:
-        input_size, channels, solve = _torch_model(model_path, str(cfg.get("device", "cpu")))
-    rows = predict_files(files, input_size, channels, solve, batch_size)
+    spec, solve = open_model(str(cfg.ckpt_path), str(cfg.get("device", "cpu")))
+    rows = predict_files(files, spec.input_size, spec.channels, solve, batch_size)
     errors = sum(r["error"] is not None for r in rows)
     print(format_table(rows))
     summary = f"\n{len(rows)} image(s), {errors} error(s)"

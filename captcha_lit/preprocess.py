@@ -1,4 +1,5 @@
-"""Image decoding and resizing shared by training, eval, predict, export and serve.
+"""Image files: finding them in a folder, decoding and resizing; shared by training, eval,
+predict, export, serve and labeling.
 
 This module needs only Pillow and numpy, so the torch-free runtime uses the very
 same code path that produced the training data.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
@@ -124,6 +126,18 @@ def load_input(source: ImageInput, input_size: tuple[int, int], *, channels: int
                name: str | None = None) -> np.ndarray:
     """Decode and resize: the one preprocessing step before normalization."""
     return resize_to_input(open_image(source, name=name), input_size, channels)
+
+
+def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+    """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
+    wanted = {e.lower() for e in extensions}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
 
 
 def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -188,3 +188,79 @@ def make_module() -> Callable[..., object]:
         return CaptchaModule(spec=spec, **options)
 
     return build
+
+
+# ---- servers in subprocesses, and a real headless Chromium to drive their pages ------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, proc, log_path: Path, timeout: float = 180.0) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or never does."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, f"server did not start:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+# Debian's packages (`make setup` and .ci/run install them); nothing is downloaded at run time.
+CHROMIUM_BINARIES = ("chromium", "chromium-browser")
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--window-size=1100,900")
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """A headless Chromium driven by Selenium, one per test module. Without the browser the test is
+    skipped on a developer's machine and fails under CI, where it must run."""
+    import shutil
+
+    binary = next(filter(None, map(shutil.which, CHROMIUM_BINARIES)), None)
+    driver_path = shutil.which("chromedriver")
+    missing = [name for name, found in (("chromium", binary), ("chromedriver", driver_path)) if not found]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (pip install -e '.[dev]')")
+    if missing:
+        message = f"browser tests need {', '.join(missing)}: run `make setup`"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))  # a given driver: no Selenium Manager
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def screenshot(driver, folder: Path, name: str) -> Path:
+    """A PNG of the page in ``folder``, also copied to $CAPTCHA_LIT_SCREENS when that is set."""
+    import shutil
+
+    path = folder / f"{name}.png"
+    assert driver.save_screenshot(str(path)), f"no screenshot of {name}"
+    if os.environ.get("CAPTCHA_LIT_SCREENS"):
+        target = Path(os.environ["CAPTCHA_LIT_SCREENS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / path.name)
+    return path

@@ -9,7 +9,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from captcha_lit.preprocess import IMAGE_SUFFIXES
 
 
 def datasets_dir() -> Path:
@@ -23,18 +22,6 @@ def datasets_dir() -> Path:
 def label_from_name(relpath: str) -> str:
     """``dir/AB12_3.png`` -> ``AB12``: the file name without extension, up to the first underscore."""
     return Path(relpath).stem.split("_", 1)[0]
-
-
-def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
-    """Relative POSIX paths of the image files under ``root`` (hidden ones skipped), sorted."""
-    wanted = {e.lower() for e in extensions}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
 
 
 def read_labels_csv(csv_path: Path) -> list[tuple[str, str]]:

@@ -37,8 +37,8 @@ from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
 from captcha_lit.data.survey import (Choice, ImageSurvey, choose_case, choose_grayscale, choose_input_size,
                                      choose_samples_per_epoch, survey_images)
-from captcha_lit.data.files import label_from_name, read_labels_csv, scan_images, split_ranks
-from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
+from captcha_lit.data.files import label_from_name, read_labels_csv, split_ranks
+from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input, scan_images
 
 log = logging.getLogger(__name__)
 

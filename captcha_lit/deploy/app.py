@@ -15,10 +15,12 @@ import hmac
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
@@ -30,6 +32,7 @@ from captcha_lit.preprocess import ImageDecodeError
 
 API_KEY_ENV = "CAPTCHA_LIT_API_KEY"
 RAW_IMAGE_TYPES = ("application/octet-stream",)  # and every image/* type
+SOLVE_PAGE = Path(__file__).with_name("static") / "solve.html"  # GET /: drop or paste an image, see its reading
 
 
 def api_key_from_env() -> str | None:
@@ -252,6 +255,11 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         return results
 
     batcher = MicroBatcher(solve_images, micro_batch)
+    page = SOLVE_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def solve_page() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/health", tags=["service"])
     async def health() -> dict:
