@@ -80,8 +80,7 @@ def _parity_images(state: dict, count: int | None, seed: int | str, split: str =
             raise ValueError("parity.split=test needs the checkpoint's data config, and this checkpoint has none; "
                              "use parity.split=generated")
         datamodule = build_datamodule(data)
-        datamodule.prepare_data()
-        datamodule.setup("test")
+        datamodule.setup("test")  # builds the test split alone, if it is not cached
         test = datamodule.datasets["test"]
         n = len(test) if count is None else min(int(count), len(test))
         return test.texts[:n], np.stack([np.asarray(test.images[i]) for i in range(n)])
