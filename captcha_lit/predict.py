@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 from captcha_lit.decoding import Solution
-from captcha_lit.utils import entry_point, write_json
+from captcha_lit.utils import entry_point, require_extra, write_json
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ def _torch_model(ckpt_path: str, device: str) -> tuple[tuple[int, int], int, Cal
 
 def _onnx_model(path: str) -> tuple[tuple[int, int], int, Callable[[np.ndarray], list[Solution]]]:
     from captcha_lit.deploy.runtime import Solver
+
+    require_extra("predict with a .onnx model", "deploy", "onnxruntime")
 
     solver = Solver(path)
     return solver.spec.input_size, solver.spec.channels, solver.solve_arrays

@@ -74,6 +74,8 @@ def open_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
             path = Path(source)
             label = name or str(path)
             try:
+                if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or device: reading may block
+                    raise ImageDecodeError(f"{label}: is not a regular file")
                 data = path.read_bytes()
             except FileNotFoundError:
                 raise ImageDecodeError(f"{label}: file not found") from None

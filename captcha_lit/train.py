@@ -109,6 +109,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "resumed_from": ckpt_path,
         "world_size": trainer.world_size,
+        "torch_threads": cores,
         "wall_time_s": round(time.time() - timeline.start_time, 2),
         "train_images_per_s": round(timeline.throughput, 1) if timeline.throughput else None,
         "timeline": timeline.points,

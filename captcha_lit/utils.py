@@ -76,7 +76,7 @@ def set_torch_threads(cores: int) -> None:
 
     torch.set_num_threads(int(cores))
     try:
-        torch.set_interop_threads(int(cores))
+        torch.set_num_interop_threads(int(cores))
     except RuntimeError:  # only possible before the first parallel work of the process
         pass
 

@@ -24,7 +24,7 @@ from captcha_lit import __version__
 from captcha_lit.training.checkpoints import checkpoint_data_config, load_module
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.training.inference import read_images
-from captcha_lit.utils import output_dir, write_json
+from captcha_lit.utils import output_dir, require_extra, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,15 @@ def _to_onnx(module, path: Path, opset: int) -> None:
         # and attention input checks) and about GRU batch sizes; the parity check below
         # verifies the result at several batch sizes instead.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except Exception as exc:  # torch raises RuntimeError, ValueError or its own SymbolicValueError here
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"opset={opset}: torch cannot export this {module.spec.arch!r} model at that opset "
+                             f"({reason}); use opset=17, the default") from None
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in module.spec.replace(version=__version__).to_metadata().items():
@@ -181,6 +186,10 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
 
 
 def export(cfg: DictConfig) -> dict:
+    require_extra("export", "deploy", "onnx", "onnxruntime")
+    opset = cfg.get("opset", 17)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ValueError(f"opset={opset!r} must be a whole number, e.g. 17 (the default)")
     module, state = load_module(cfg.ckpt_path)
     path = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else Path(output_dir(cfg)) / "model.onnx"
     parity = cfg.get("parity") or {}
