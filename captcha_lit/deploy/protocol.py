@@ -35,13 +35,20 @@ def json_response(status: int, detail: str, extra_headers: tuple[tuple[bytes, by
     return b"".join(head) + b"\r\n" + body
 
 
-async def _busy(scope, receive, send) -> None:
-    """The app that answers while a worker is at its connection cap."""
-    body = json.dumps({"detail": "the server is at its limit of open connections; retry in a moment"}).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), (b"retry-after", b"1")]})
-    await send({"type": "http.response.body", "body": body})
+def _refusal(status: int, detail: str, *extra_headers: tuple[bytes, bytes]):
+    """An ASGI app that answers ``status`` with ``{"detail": detail}`` and closes the connection."""
+    body = json.dumps({"detail": detail}).encode()
+
+    async def refuse(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"), *extra_headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
+
+
+_busy = _refusal(503, "the server is at its limit of open connections; retry in a moment", (b"retry-after", b"1"))
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -52,7 +59,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.limits = limits
         self._header_timer: asyncio.TimerHandle | None = None
         self._awaiting_headers = True
-        self._header_bytes = 0
+        self._header_bytes = 0  # of the request being read: what has arrived, or what was parsed
+        self._parsed_bytes = 0
+        self._too_long = _refusal(431, f"request line and headers exceed {limits.max_header_bytes} bytes")
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -72,22 +81,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._awaiting_headers, self._header_bytes = True, 0
+        self._awaiting_headers, self._header_bytes, self._parsed_bytes = True, 0, 0
         if self._header_timer is None:
             self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed_bytes += len(name) + len(value) + 4
+        if self._parsed_bytes <= self.limits.max_header_bytes:  # past it nothing more is kept
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
         self._disarm_header_timer()
         limit = self.limits.max_connections
-        if len(self.connections) > limit or len(self.tasks) >= limit:
-            app, self.app = self.app, _busy
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+        if self._parsed_bytes > self.limits.max_header_bytes:  # arrived whole, in one read
+            refusal = self._too_long
+        elif len(self.connections) > limit or len(self.tasks) >= limit:
+            refusal = _busy
+        else:
+            super().on_headers_complete()
             return
-        super().on_headers_complete()
+        app, self.app = self.app, refusal
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def send_400_response(self, msg: str) -> None:
         if not self.transport.is_closing():

@@ -71,7 +71,8 @@ def serve(cfg: DictConfig) -> None:
     threads = cfg.get("threads")
     threads = int(threads) if threads is not None else (None if workers == 1 else 1)
     run = dict(host=str(cfg.host), port=port, log_level=str(cfg.get("log_level", "info")),
-               access_log=bool(cfg.get("access_log", True)), timeout_keep_alive=5)
+               access_log=bool(cfg.get("access_log", True)), timeout_keep_alive=5,
+               ws="none")  # no WebSocket routes: an upgrade request is answered as plain HTTP
     with tempfile.TemporaryDirectory(prefix="captcha_lit_serve_") as tmp:
         spec = AppSpec(
             onnx=str(onnx_model(str(cfg.model_path), tmp, parity_images=int(cfg.get("parity_images", 32)))),
