@@ -50,9 +50,9 @@ def collect_inputs(inputs: str | Sequence[str]) -> list[Path]:
         path = Path(spec)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
+            if not found and len(specs) == 1:
                 raise ValueError(f"inputs={spec!r} is a folder with no image files ({', '.join(IMAGE_SUFFIXES)})")
-            files += found
+            files += found or [path]  # in a list, an empty folder gets a row that says so
         elif path.is_file():
             files.append(path)
         elif glob.has_magic(spec):
