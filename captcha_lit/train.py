@@ -137,10 +137,10 @@ def _check_resumable(ckpt_path: str, model, explicit: bool) -> None:
         check_resume_checkpoint(ckpt_path, model, "ckpt_path=")
         return
     try:
-        check_resume_checkpoint(ckpt_path, model, "resume=auto: checkpoint")
+        check_resume_checkpoint(ckpt_path, model, "checkpoint")
     except ValueError as exc:
-        raise ValueError(f"{exc}. Delete it to start this run afresh, or pass ckpt_path= to resume from another "
-                         "checkpoint") from None
+        raise ValueError(f"resume=auto: {exc}. Delete it to start this run afresh, or pass ckpt_path= to resume from "
+                         "another checkpoint") from None
 
 
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_path: str | None,
