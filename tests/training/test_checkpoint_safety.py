@@ -171,3 +171,23 @@ def test_serve_and_export_settings_fail_in_one_line(make_cfg, crnn_ckpt, capsys,
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if the deploy extra were not installed
     err = _one_line_exit(capsys, export, make_cfg("export", [f"ckpt_path={crnn_ckpt}"]))
     assert "export needs onnx" in err and "pip install -e '.[deploy]'" in err
+
+
+def test_eval_builds_only_the_test_split_in_this_machines_cache(crnn_ckpt, tmp_path, monkeypatch):
+    """A checkpoint moved to another machine names a cache folder that does not exist there; eval must
+    use $CAPTCHA_LIT_CACHE (or data.cache_dir when given) and generate only the split it tests on."""
+    from conftest import _compose
+
+    state = torch.load(crnn_ckpt, map_location="cpu", weights_only=True)
+    state["datamodule_hyper_parameters"]["cache_dir"] = "/nonexistent/other/machine/cache"
+    moved = tmp_path / "moved.ckpt"
+    torch.save(state, moved)
+    for given in (False, True):
+        cache = tmp_path / f"cache_{given}"
+        monkeypatch.setenv("CAPTCHA_LIT_CACHE", str(tmp_path / "env_cache") if given else str(cache))
+        overrides = [f"ckpt_path={moved}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+        overrides += [f"data.cache_dir={cache}"] if given else []
+        metrics = evaluate(_compose("eval", overrides, tmp_path / f"eval_{given}"), overrides)
+        assert metrics["num_test"] == 32
+        assert sorted(p.name.split("-")[1] for p in cache.iterdir() if p.is_dir()) == ["test"]
+    assert not Path("/nonexistent").exists()
