@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from captcha_lit import __version__
 from captcha_lit.deploy.batcher import MicroBatcher
-from captcha_lit.deploy.request_body import BodyLimitMiddleware, read_uploads
+from captcha_lit.deploy.request_body import BodyLimitMiddleware, decode_base64, read_uploads
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.preprocess import ImageDecodeError, probe_pixels
 
@@ -160,17 +160,25 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
     # Without a key there is nothing to check: no dependency at all (it costs ~10% of a request).
     guard = [Depends(check_key)] if api_key else []
 
-    def decode(items: list[tuple[str, bytes]]) -> tuple[list[dict], np.ndarray | None]:
+    def decode(items: list[tuple[str, bytes | str]]) -> tuple[list[dict], np.ndarray | None]:
         """Each image's error, or its pixels at the model input; the request's pixels in all
         are checked from the images' headers before any of them is decoded."""
-        # An image over the per-image limit is refused on its own, undecoded, so it does not count here.
-        declared = sum(pixels for _, data in items if (pixels := probe_pixels(data)) <= solver.max_pixels)
-        if declared > limits.max_request_pixels:
-            raise _RequestError(413, f"the images of this request declare {declared} pixels in all, over the limit "
-                                     f"of {limits.max_request_pixels} per request; send fewer or smaller images")
+        encoded: dict[str, bytes] = {}  # a base64 string sent several times is decoded once
+        files, declared = [], 0
+        for label, data in items:
+            if isinstance(data, str):
+                data = encoded[data] if data in encoded else encoded.setdefault(data, decode_base64(data, label))
+            files.append((label, data))
+            pixels = probe_pixels(data)
+            # An image over the per-image limit is refused on its own, undecoded, so it does not count here.
+            declared += pixels if pixels <= solver.max_pixels else 0
+            if declared > limits.max_request_pixels:
+                raise _RequestError(413, f"the images of this request declare more than {limits.max_request_pixels} "
+                                         f"pixels in all (the limit per request; {label} passes it); send fewer or "
+                                         "smaller images")
         results: list[dict] = []
         arrays = []
-        for label, data in items:
+        for label, data in files:
             try:
                 arrays.append(solver.load(data, name=label))
                 results.append({})
@@ -183,7 +191,7 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
     decoders = {kind: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"captcha_lit_decode_{kind}")
                 for kind in ("single", "batch")}
 
-    async def answer(items: list[tuple[str, bytes]], kind: str) -> list[dict]:
+    async def answer(items: list[tuple[str, bytes | str]], kind: str) -> list[dict]:
         loop = asyncio.get_running_loop()
         results, arrays = await loop.run_in_executor(decoders[kind], decode, items)
         if arrays is not None:
@@ -191,7 +199,7 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
             results = [result if "error" in result else next(solutions).to_dict() for result in results]
         return results
 
-    async def within_time_limit(items: list[tuple[str, bytes]], kind: str) -> list[dict]:
+    async def within_time_limit(items: list[tuple[str, bytes | str]], kind: str) -> list[dict]:
         try:
             return await asyncio.wait_for(answer(items, kind), limits.request_timeout)
         except asyncio.TimeoutError:
