@@ -134,7 +134,8 @@ def bench_hostile_load(seconds: float = 30.0, clients: int = 16, attackers: int 
             with running_server(model_path, work_dir, [f"header_timeout={HEADER_TIMEOUT_S}"]) as (server, port):
                 legit = [_multipart_request(port, captcha_png(i)) for i in range(16)]
                 attack = amplification_request(port)
-                asyncio.run(_http_clients(port, legit, 2.0, clients))  # warm every connection path
+                # Warm every path, the attack's too: the growth measured is what 30 s more of it adds.
+                asyncio.run(_under_attack(port, legit, attack, 3.0, clients, attackers))
                 rss_before = process_tree_rss(server.pid)
                 (latencies, errors, elapsed), attacked = asyncio.run(
                     _under_attack(port, legit, attack, seconds, clients, attackers))
