@@ -15,6 +15,8 @@ import numpy as np
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from captcha_lit.deploy.memory import LARGE_BODY_BYTES, trim_heap
+
 log = logging.getLogger(__name__)
 
 RAW_IMAGE_TYPES = ("application/octet-stream",)  # and every image/* type
@@ -63,7 +65,11 @@ class BodyLimitMiddleware:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            return await self.app(scope, replay, tracked_send)
+            try:
+                return await self.app(scope, replay, tracked_send)
+            finally:
+                if len(body) > LARGE_BODY_BYTES:  # its parsed pieces are freed by now
+                    trim_heap()
         except Exception as exc:  # noqa: BLE001 - the client gets JSON, the log one line
             log.error("%s %s failed: %s: %s", scope["method"], scope["path"], type(exc).__name__, exc)
             if not started:

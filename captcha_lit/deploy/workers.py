@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from captcha_lit.deploy.app import RequestLimits, api_key_from_env, create_app
+from captcha_lit.deploy.memory import return_freed_memory
 from captcha_lit.deploy.protocol import ConnectionLimits, guarded_protocol
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.utils import available_cores
@@ -61,25 +62,6 @@ class AppSpec:
         """uvicorn's ``http=``: connections with a header deadline and a cap per process."""
         return guarded_protocol(ConnectionLimits(header_timeout=self.header_timeout,
                                                  max_connections=self.max_connections))
-
-
-def return_freed_memory() -> None:
-    """Make this server process give large freed buffers back to the system. glibc keeps freed heap
-    memory for reuse, in one arena per thread, so a server's RSS grows to its largest burst of
-    request bodies (two-megabyte JSON batches) and stays there; buffers of 256 KB and more are
-    mapped on their own instead, and unmapped when freed. Other C libraries: nothing to do."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixed: no longer raised by what is freed)
-        libc.mallopt(-8, 2)  # M_ARENA_MAX: the event loop's, decode and model threads share two arenas
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def resolve_workers(value: Any) -> int:
