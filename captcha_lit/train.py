@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> dict:
     cores = run_cores()
     set_torch_threads(cores)
     data_cfg = to_plain(cfg.data)
-    if data_cfg.get("gen_workers") is None:
+    if "gen_workers" in data_cfg and data_cfg["gen_workers"] is None:  # generated data: its share too
         data_cfg["gen_workers"] = cores
 
     datamodule = build_datamodule(data_cfg, cfg.get("augmentation"))
