@@ -43,7 +43,7 @@ def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> d
         data[key] = value
     # Where to cache and how many processes to use are this machine's, not the training machine's.
     for key in MACHINE_DATA_KEYS:
-        if key in composed:
+        if key in composed and key in data:  # a folder's data has no gen_workers, say
             data[key] = composed[key]
     return data
 
