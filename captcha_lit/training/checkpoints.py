@@ -156,8 +156,6 @@ def checkpoint_spec(state: dict, source: str = "checkpoint") -> ModelSpec:
 
 def load_module(path: str | os.PathLike, map_location: str = "cpu"):
     """Rebuild a CaptchaModule from its checkpoint alone."""
-    from captcha_lit.training.module import CaptchaModule
-
     state = load_checkpoint_dict(path)
     source = f"checkpoint {str(path)!r}"
     module = _build_module(state, source)
