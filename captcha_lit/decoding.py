@@ -32,6 +32,9 @@ class Solution:
     text: str
     confidence: float  # probability of the whole text
     char_confidences: list[float]  # probability of each character of ``text``
+    # Why the reading cannot be right whatever its confidence (empty, or a length the model was not
+    # trained for); None when its length is in the model's range.
+    unsure: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,9 +56,19 @@ def read_logits(spec: ModelSpec, logits, beam_width: int | None = None) -> tuple
     for training metrics, eval, predict, export, visualize, the benchmarks and the ONNX runtime."""
     decoded = decode(spec, logits, beam_width)
     charset = _charset(spec.charset)
-    solutions = [Solution(charset.decode(indices), confidence, char_conf)
+    solutions = [Solution(charset.decode(indices), confidence, char_conf, unsure_reason(spec, len(indices)))
                  for indices, char_conf, confidence in zip(decoded.indices, decoded.char_conf, decoded.seq_conf)]
     return solutions, decoded
+
+
+def unsure_reason(spec: ModelSpec, length: int) -> str | None:
+    """Why a reading of ``length`` characters is not an answer of this model, or None."""
+    if length == 0:
+        return "empty reading: no characters found"
+    if not spec.min_length <= length <= spec.max_length:
+        lengths = str(spec.min_length) if not spec.variable_length else f"{spec.min_length}-{spec.max_length}"
+        return f"{length} characters, outside the model's {lengths}"
+    return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,7 +18,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from captcha_lit.training.builders import build_datamodule, build_trainer, to_plain
+from captcha_lit.training.builders import MACHINE_DATA_KEYS, build_datamodule, build_trainer, to_plain
 from captcha_lit.training.checkpoints import checkpoint_data_config, checkpoint_spec, load_module
 from captcha_lit.training.callbacks import ErrorAnalysis, written_files
 from captcha_lit.utils import entry_point, output_dir, write_json
@@ -41,6 +41,10 @@ def resolve_data_config(cfg: DictConfig, state: dict, overrides: list[str]) -> d
         if key in data and data[key] != value and key not in ("min_length", "max_length"):
             log.warning("data.%s=%s differs from the checkpoint's %s; using the checkpoint's", key, data[key], value)
         data[key] = value
+    # Where to cache and how many processes to use are this machine's, not the training machine's.
+    for key in MACHINE_DATA_KEYS:
+        if key in composed and key in data:  # a folder's data has no gen_workers, say
+            data[key] = composed[key]
     return data
 
 

@@ -23,6 +23,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 # Refuse decompression bombs well before Pillow's own (much larger) limit.
 MAX_IMAGE_PIXELS = 4096 * 4096
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
@@ -70,9 +71,13 @@ def open_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
             data = bytes(source)
             label = name or "image bytes"
         else:
+            if not str(source).strip():
+                raise ImageDecodeError(f"{name or 'image path'}: is empty; pass a file path, image bytes or a PIL image")
             path = Path(source)
             label = name or str(path)
             try:
+                if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or device: reading may block
+                    raise ImageDecodeError(f"{label}: is not a regular file")
                 data = path.read_bytes()
             except FileNotFoundError:
                 raise ImageDecodeError(f"{label}: file not found") from None
@@ -103,8 +108,22 @@ def open_image(source: ImageInput, *, name: str | None = None, max_pixels: int =
         raise ImageDecodeError(f"{label}: has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageDecodeError(f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
-    image = ImageOps.exif_transpose(image) if image.format == "JPEG" else image
+    # A camera or an editor may store the image sideways with an EXIF orientation tag, in any
+    # format that carries EXIF (JPEG, PNG, WebP, TIFF); the reader sees it upright.
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     return _to_rgb(image)
+
+
+def probe_pixels(data: bytes) -> int:
+    """Width x height that encoded ``data`` declares, read from its header without decoding it;
+    0 when it is not a readable image (decoding then names the problem)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - any failure here is reported by the decode that follows
+        return 0
+    return int(width) * int(height)
 
 
 def resize_to_input(image: Image.Image, input_size: tuple[int, int], channels: int = 3) -> np.ndarray:

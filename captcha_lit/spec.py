@@ -7,6 +7,7 @@ Torch-free, so the ONNX runtime uses it too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +40,9 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize the field types once, here
+        for name in ("charset", "decoder", "arch", "version"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a string")
         set_(self, "charset", Charset(self.charset).chars)
         for name in ("min_length", "max_length", "beam_width"):
             value = getattr(self, name)
@@ -48,6 +52,13 @@ class ModelSpec:
             raise ValueError(f"min_length={self.min_length}: a CAPTCHA has at least 1 character")
         if self.max_length < self.min_length:
             raise ValueError(f"max_length={self.max_length} is less than min_length={self.min_length}")
+        if not isinstance(self.input_size, (list, tuple)):
+            raise ValueError(f"input_size={self.input_size!r} must be [height, width]")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{name}={values!r} must be a list of numbers, one per input channel")
         size = tuple(self.input_size)
         if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
             raise ValueError(f"input_size={list(size)} must be [height, width], two whole numbers >= 1")
@@ -120,6 +131,14 @@ class ModelSpec:
             return cls(**data)
         except TypeError as exc:  # a missing key
             raise ValueError(f"{source}: its model spec is incomplete ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"{source}: its model spec is invalid ({exc})") from None
+
+    def digest(self) -> str:
+        """A fingerprint of what the weights were trained for (every field but the decoding-time
+        ``beam_width`` and ``version``): a checkpoint stores it, so an edited spec is detected."""
+        trained = {k: v for k, v in self.to_dict().items() if k not in ("beam_width", "version")}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
 
     def data_values(self) -> dict:
         """The data config keys that are the model's (``DATA_KEYS``, and ``grayscale``), as plain values."""

@@ -25,12 +25,13 @@ from omegaconf import DictConfig
 
 from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, to_plain
 from captcha_lit.training.budget import settle_training_length
-from captcha_lit.training.checkpoints import init_from_checkpoint
+from captcha_lit.training.checkpoints import check_resume_checkpoint, init_from_checkpoint
 from captcha_lit.training.pretrain import pretrain_mode, pretrained_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
-from captcha_lit.utils import check_model_path, entry_point, flatten, machine_description, output_dir, write_json
+from captcha_lit.utils import (check_model_path, entry_point, flatten, machine_description, output_dir, run_cores,
+                               set_torch_threads, write_json)
 
 log = logging.getLogger(__name__)
 _process_start: float | None = time.time()
@@ -64,10 +65,18 @@ def train(cfg: DictConfig) -> dict:
     if finished is not None:
         print(f"\nskipped: {out_dir} holds a finished run (resume=auto); its metrics stand")
         return finished
+    # Jobs that a launcher runs side by side share the machine: each takes its share of the cores.
+    cores = run_cores()
+    set_torch_threads(cores)
+    data_cfg = to_plain(cfg.data)
+    if "gen_workers" in data_cfg and data_cfg["gen_workers"] is None:  # generated data: its share too
+        data_cfg["gen_workers"] = cores
 
-    datamodule = build_datamodule(cfg.data, cfg.get("augmentation"))
+    datamodule = build_datamodule(data_cfg, cfg.get("augmentation"))
     # The datamodule goes first: a folder dataset settles the charset that the model is built for.
     model = build_module(cfg, datamodule)
+    if ckpt_path:
+        _check_resumable(ckpt_path, model, explicit=bool(cfg.get("ckpt_path")))
     if getattr(datamodule, "bad_files", None):
         write_json(Path(out_dir) / "bad_files.json", datamodule.bad_files)
         log.warning("left out %d bad file(s); see %s", len(datamodule.bad_files), Path(out_dir) / "bad_files.json")
@@ -121,6 +130,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "resumed_from": ckpt_path,
         "world_size": trainer.world_size,
+        "torch_threads": cores,
         "wall_time_s": round(time.time() - timeline.start_time, 2),
         "train_images_per_s": round(timeline.throughput, 1) if timeline.throughput else None,
         "timeline": timeline.points,
@@ -143,6 +153,18 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def _check_resumable(ckpt_path: str, model, explicit: bool) -> None:
+    """A checkpoint to resume from that Lightning would fail on (with a traceback) is refused in one line."""
+    if explicit:
+        check_resume_checkpoint(ckpt_path, model, "ckpt_path=")
+        return
+    try:
+        check_resume_checkpoint(ckpt_path, model, "checkpoint")
+    except ValueError as exc:
+        raise ValueError(f"resume=auto: {exc}. Delete it to start this run afresh, or pass ckpt_path= to resume from "
+                         "another checkpoint") from None
+
+
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_path: str | None,
                   out_dir: str) -> tuple[dict, dict]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -153,6 +175,12 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_p
             f"to continue from {ckpt / 'last.ckpt'}, or pass ckpt_path={ckpt / 'interrupted.ckpt'}"
         )
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "val/seq_acc_best" not in fit_metrics and model.val_seq_acc_best.update_called:
+        # Resumed after its last epoch (killed before the test): no epoch ran, so take the checkpoint's.
+        fit_metrics["val/seq_acc_best"] = float(model.val_seq_acc_best.compute())
+        timeline = next((c for c in trainer.callbacks if isinstance(c, RunTimeline)), None)
+        if timeline is not None and timeline.points:
+            fit_metrics.setdefault("val/seq_acc", timeline.points[-1].get("val/seq_acc"))
     test_metrics: dict = {}
     if cfg.get("test"):
         ckpt_cb = trainer.checkpoint_callback

@@ -58,6 +58,70 @@ def machine_description() -> str:
     return ", ".join(parts)
 
 
+def parallel_jobs(launcher: Any) -> int:
+    """How many jobs a Hydra launcher config runs at once on this machine: joblib's ``n_jobs``
+    (negative counts back from the cores, as joblib does); 1 for launchers that run one job at
+    a time here (basic) or each on its own machine or allocation (submitit, SLURM)."""
+    if launcher is None or "n_jobs" not in launcher:
+        return 1
+    n_jobs = launcher.get("n_jobs")
+    cores = available_cores()
+    if n_jobs is None:
+        return 1
+    n_jobs = int(n_jobs)
+    return max(1, min(cores, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
+
+
+def job_cores(parallel: int = 1) -> int:
+    """The cores one of ``parallel`` jobs running side by side on this machine may use: an equal
+    share of ``available_cores()``, at least 1. Threads beyond it only oversubscribe the cores."""
+    return max(1, available_cores() // max(1, int(parallel)))
+
+
+def run_cores() -> int:
+    """The cores this run may use: all of ``available_cores()``, or its share of them when Hydra's
+    launcher runs several jobs of a multirun side by side on this machine (joblib)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not under Hydra
+        return available_cores()
+    if str(hydra_cfg.get("mode")) != "RunMode.MULTIRUN":
+        return available_cores()
+    return job_cores(parallel_jobs(hydra_cfg.get("launcher")))
+
+
+def set_torch_threads(cores: int) -> None:
+    """Size torch's intra-op pool (and inter-op pool, when still possible) to ``cores``."""
+    import torch
+
+    torch.set_num_threads(int(cores))
+    try:
+        torch.set_num_interop_threads(int(cores))
+    except RuntimeError:  # only possible before the first parallel work of the process
+        pass
+
+
+CACHE_ENV = "CAPTCHA_LIT_CACHE"
+
+
+def default_cache_dir() -> str:
+    """Where generated data is cached on this machine: ``$CAPTCHA_LIT_CACHE`` or ``~/.cache/captcha_lit``
+    (conf/data/synthetic.yaml's ``cache_dir`` says the same)."""
+    return os.environ.get(CACHE_ENV) or "~/.cache/captcha_lit"
+
+
+def require_extra(what: str, extra: str, *modules: str) -> None:
+    """A one-line error naming the extra to install when one of ``modules`` is missing."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)}, which is not installed: pip install -e '.[{extra}]' "
+                         f"(or pip install 'captcha_lit[{extra}]')")
+
+
 # kind -> (how to pass one, how to get one, its file suffix)
 _MODEL_PATH_HINTS = {
     "checkpoint": ("pass ckpt_path=PATH (train one with `make train`)",

@@ -117,3 +117,16 @@ def test_sweep_report_sorts_best_first_and_lists_every_job(tmp_path, capsys):
         yaml.safe_dump({"name": "optuna", "best_params": {"optimizer.lr": 0.003}, "best_value": 0.75}))
     report_main([str(sweep)])
     assert "optuna best: 0.7500 with optimizer.lr=0.003" in capsys.readouterr().out
+
+
+def test_parallel_jobs_share_the_cores(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from captcha_lit import utils
+
+    monkeypatch.setattr(utils, "available_cores", lambda: 8)
+    joblib = lambda n: OmegaConf.create({"_target_": "JoblibLauncher", "n_jobs": n})  # noqa: E731
+    assert [utils.parallel_jobs(joblib(n)) for n in (1, 2, 3, -1, -2, 100, None)] == [1, 2, 3, 8, 7, 8, 1]
+    assert utils.parallel_jobs(OmegaConf.create({"_target_": "BasicLauncher"})) == 1
+    assert utils.parallel_jobs(None) == 1
+    assert [utils.job_cores(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]

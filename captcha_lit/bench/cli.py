@@ -30,18 +30,20 @@ from pathlib import Path
 
 from captcha_lit.bench.common import ROOT
 from captcha_lit.bench.data import bench_cache_load, bench_generation, bench_stream
+from captcha_lit.bench.hostile_load import bench_hostile_load
 from captcha_lit.bench.results import (ResultsFileError, append_rows, check_columns, current_figures,
                                        current_provenance, read_rows, result_rows)
 from captcha_lit.bench.speed import bench_onnx, bench_parity, bench_throughput, newest_checkpoint
 from captcha_lit.bench.tables import current_results_table, run_table
 from captcha_lit.bench.training import TRAINING, bench_ddp, bench_finetune, bench_training
 
-ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", *TRAINING, "ddp", "stream", "finetune", "parity")
+ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", "hostile_load", *TRAINING, "ddp", "stream", "finetune",
+                  "parity")
 DEFAULT_RESULTS_CSV = ROOT / "docs" / "results.csv"
 
 # The flags each benchmark reads: its rows' command repeats them, and only them.
 _FLAGS = {"gen": ("repeats", "gen_images"), "load": ("repeats", "load_images"), "throughput": ("repeats",),
-          "onnx": ("repeats", "http_seconds", "http_clients"),
+          "onnx": ("repeats", "http_seconds", "http_clients"), "hostile_load": ("http_seconds", "http_clients"),
           **{key: ("train_repeats",) for key in TRAINING},
           "ddp": ("train_repeats", "ddp_samples", "ddp_epochs"),
           "stream": ("repeats", "stream_batches", "stream_workers"), "finetune": (), "parity": ("ckpt",)}
@@ -93,6 +95,8 @@ def _run_benchmark(key: str, args: argparse.Namespace, out_dir: Path, results: d
         return bench_throughput(args.repeats)
     if key == "onnx":
         return bench_onnx(args.repeats, args.http_seconds, args.http_clients)
+    if key == "hostile_load":
+        return bench_hostile_load(args.http_seconds, args.http_clients)
     if key in TRAINING:
         return bench_training(key.removeprefix("train_"), TRAINING[key].overrides, args.train_repeats, out_dir)
     if key == "ddp":

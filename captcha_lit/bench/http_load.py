@@ -3,10 +3,12 @@ under concurrent ``POST /v1/solve`` from a closed-loop client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from captcha_lit.bench.common import ROOT, median, percentile, process_tree_rss
@@ -88,10 +90,10 @@ async def _http_clients(port: int, requests: list[bytes], seconds: float, client
     return latencies, errors, time.perf_counter() - started
 
 
-def http_load(model_path: Path, seconds: float, clients: int, work_dir: Path, extra: list[str] = ()) -> dict:
-    """Start the real server in a subprocess and keep ``clients`` concurrent POST /v1/solve going."""
-    import asyncio
-
+@contextlib.contextmanager
+def running_server(model_path: Path, work_dir: Path, extra: list[str] = ()) -> Iterator[tuple[subprocess.Popen, int]]:
+    """The real server (``python -m captcha_lit.serve``) in a subprocess, answering: (process, port).
+    Raises RuntimeError if it does not start."""
     import httpx
 
     port = _free_port()
@@ -105,33 +107,46 @@ def http_load(model_path: Path, seconds: float, clients: int, work_dir: Path, ex
         deadline = time.time() + 120
         while True:
             if server.poll() is not None:
-                return {"error": f"server exited with code {server.returncode}; see {work_dir / 'serve.log'}"}
+                raise RuntimeError(f"server exited with code {server.returncode}; see {work_dir / 'serve.log'}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                return {"error": "server did not start within 120 s"}
+                raise RuntimeError("server did not start within 120 s")
             time.sleep(0.2)
-        pngs = [captcha_png(i) for i in range(16)]
-        with httpx.Client(base_url=url) as warm:
-            for png in pngs:
-                response = warm.post("/v1/solve", files={"file": ("c.png", png, "image/png")})
-                response.raise_for_status()
-                if not response.json().get("text"):
-                    return {"error": f"warm-up answer has no text: {response.text[:200]}"}
-        requests = [_multipart_request(port, png) for png in pngs]
-        asyncio.run(_http_clients(port, requests, 2.0, clients))  # warm every connection path
-        rss_before = process_tree_rss(server.pid)  # every worker process
-        latencies, errors, elapsed = asyncio.run(_http_clients(port, requests, seconds, clients))
-        rss_after = process_tree_rss(server.pid)
+        yield server, port
     finally:
         server.terminate()
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def http_load(model_path: Path, seconds: float, clients: int, work_dir: Path, extra: list[str] = ()) -> dict:
+    """Start the real server in a subprocess and keep ``clients`` concurrent POST /v1/solve going."""
+    import asyncio
+
+    import httpx
+
+    try:
+        with running_server(model_path, work_dir, extra) as (server, port):
+            pngs = [captcha_png(i) for i in range(16)]
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as warm:
+                for png in pngs:
+                    response = warm.post("/v1/solve", files={"file": ("c.png", png, "image/png")})
+                    response.raise_for_status()
+                    if not response.json().get("text"):
+                        return {"error": f"warm-up answer has no text: {response.text[:200]}"}
+            requests = [_multipart_request(port, png) for png in pngs]
+            asyncio.run(_http_clients(port, requests, 2.0, clients))  # warm every connection path
+            rss_before = process_tree_rss(server.pid)  # every worker process
+            latencies, errors, elapsed = asyncio.run(_http_clients(port, requests, seconds, clients))
+            rss_after = process_tree_rss(server.pid)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
     return {"seconds": round(elapsed, 1), "clients": clients, "requests": len(latencies), "errors": len(errors),
             "first_error": errors[0] if errors else None,
             "req_s": round(len(latencies) / elapsed, 1), "p50_ms": round(percentile(latencies, 50), 2),

@@ -158,6 +158,12 @@ def result_rows(key: str, result: dict, command: str, provenance: Provenance) ->
                    "solve_p50_ms": "solve_p50_ms", "solve_p99_ms": "solve_p99_ms"}
         rows.timing_repeats("onnx", result.get("runs", []), metrics, command, result)
         _http_rows(rows, result.get("http") or {}, command)
+    elif key == "hostile_load" and "error" not in result:
+        for metric in ("p50_ms", "p99_ms", "errors", "req_s", "rss_growth_pct"):
+            rows.add("hostile_load", metric, result[metric], "", command)
+        rows.add("hostile_load", "attack_requests", result["attack"]["requests"], "", command)
+        rows.add("hostile_load", "slow_max_close_s", result["slow"]["max_close_s"], "", command)
+        rows.add("hostile_load", "slow_still_open", result["slow"]["still_open"], "", command)
     elif key in TRAINING:
         rows.seeded_runs(TRAINING[key].benchmark, result["runs"], TRAINING_METRICS, command, result)
     elif key == "ddp":

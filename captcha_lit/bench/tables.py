@@ -119,8 +119,21 @@ def _parity_lines(parity: dict) -> list[str]:
             f"| | seq acc PyTorch / ONNX | {_shown(parity['torch_seq_acc'])} / {_shown(parity['onnx_seq_acc'])} | |"]
 
 
+def _hostile_lines(result: dict) -> list[str]:
+    if "error" in result:
+        return [f"| HTTP under attack | | FAILED: {result['error']} | |"]
+    slow, attack = result["slow"], result["attack"]
+    return [f"| HTTP under attack ({result['clients']} clients + {result['attackers']} attackers, {result['seconds']} s) "
+            f"| legitimate /v1/solve p50 / p99 | {result['p50_ms']} / {result['p99_ms']} ms | p99 <= 200 ms |",
+            f"| | legitimate errors | {result['errors']} of {result['requests']} | 0 |",
+            f"| | amplification batches answered | {attack['requests']} ({attack['statuses']}) | |",
+            f"| | server RSS growth | {result['rss_growth_pct']}% | <= 10% |",
+            f"| | {slow['connections']} slow connections: closed, slowest | {slow['closed']}, {slow['max_close_s']} s "
+            f"| <= {slow['header_timeout_s']} s |"]
+
+
 _RUN_SECTIONS = {"gen": _generation_lines, "load": _cache_load_lines, "throughput": _throughput_lines,
-                 "onnx": _onnx_lines, "ddp": _ddp_lines, "stream": _stream_lines}
+                 "onnx": _onnx_lines, "hostile_load": _hostile_lines, "ddp": _ddp_lines, "stream": _stream_lines}
 
 
 def run_table(results: dict) -> str:

@@ -6,6 +6,11 @@ and moved into place with one ``rename``, so readers never see half a split. An
 exclusive ``flock`` makes concurrent jobs (e.g. a sweep) build it once; the others
 wait and then reuse it. ``meta.json`` records the shape and a digest of a sample of
 rows, so a truncated or altered split is detected and rebuilt.
+
+SIGTERM or SIGHUP during a build removes its temporary folder, like Ctrl-C does; a
+build killed outright (SIGKILL, power loss) leaves it behind, and the next build in
+the same cache removes it: a temporary folder whose split nobody holds the lock of is
+dead.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +70,68 @@ def file_lock(path: Path, timeout_s: float = 3600.0) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _try_lock(path: Path):
+    """An open handle holding ``path``'s exclusive lock, or None while another process holds it."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+_TMP = re.compile(r"^\.tmp-(?P<split>.+-[0-9a-f]{16})-\d+$")
+
+
+def remove_dead_builds(root: Path, held: str) -> list[Path]:
+    """Remove the temporary folders of builds that died in ``root``; ``held`` is the split whose
+    lock the caller holds (its leftovers are dead by definition). Returns what was removed."""
+    removed = []
+    for folder in sorted(root.glob(".tmp-*")):
+        match = _TMP.match(folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        split = match["split"]
+        handle = None if split == held else _try_lock(root / f".{split}.lock")
+        if split != held and handle is None:
+            continue  # a live build of another split
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            if handle is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                handle.close()
+    if removed:
+        log.warning("removed %d temporary folder(s) of builds that died: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+class _Terminated(SystemExit):
+    """SIGTERM or SIGHUP during a build: unwinds it (removing its temporary folder), then exits."""
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into an exception while building, so the cleanup code runs.
+    Signal handlers can only be set from the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise _Terminated(128 + signum)
+
+    previous = {sig: signal.signal(sig, unwind) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class CorruptCacheError(RuntimeError):
@@ -118,25 +188,26 @@ def get_or_build(
             except CorruptCacheError as exc:
                 log.warning("cache is corrupt, rebuilding: %s", exc)
                 shutil.rmtree(folder, ignore_errors=True)
+        remove_dead_builds(root, f"{name}-{key}")
         tmp = root / f".tmp-{name}-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        try:
-            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(count, *shape))
-            labels = build(out)
-            out.flush()
-            digest = _sample_digest(out, labels)
-            del out
-            (tmp / "labels.json").write_text(json.dumps(labels))
-            meta = {"format": FORMAT_VERSION, "shape": [count, *shape], "digest": digest, "fields": key_fields,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with _signals_unwind():
+            try:
+                out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(count, *shape))
+                labels = build(out)
+                out.flush()
+                digest = _sample_digest(out, labels)
+                del out
+                (tmp / "labels.json").write_text(json.dumps(labels))
+                meta = {"format": FORMAT_VERSION, "shape": [count, *shape], "digest": digest, "fields": key_fields,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                for f in tmp.iterdir():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                os.rename(tmp, folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     labels, images, _ = load_split(folder)
     return labels, images

@@ -234,7 +234,12 @@ class CaptchaDataModule(ArrayLoaders, L.LightningDataModule):
             self.datasets["train"].set_epoch(self._stream_epoch)
 
     def prepare_data(self) -> None:
-        for split in self.splits:
+        # Only the splits that the trainer's stage reads: testing a checkpoint must not first generate
+        # the 140,000 training images.
+        trainer = getattr(self, "trainer", None)
+        stage = str(trainer.state.fn.value) if trainer is not None and trainer.state.fn is not None else None
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, tuple(self.splits)):
             if not (split == "train" and self.streaming):
                 self._split(split)
 

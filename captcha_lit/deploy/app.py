@@ -1,37 +1,42 @@
 """The HTTP API: a FastAPI app around a ``Solver``.
 
-Endpoints: POST /v1/solve, POST /v1/solve/batch, GET /v1/model, GET /health, and the
-OpenAPI docs at /docs. Request bodies are size-limited before parsing; an image comes as
-multipart, a raw image/* body or base64 in JSON. With an API key, every /v1 route needs it
-in the X-API-Key header. ``captcha_lit.deploy.serve`` runs this app on uvicorn.
+Endpoints: POST /v1/solve, POST /v1/solve/batch, GET /v1/model, GET (and HEAD) /health, and
+the OpenAPI docs at /docs, with Swagger UI served from this process. Request bodies are
+size- and time-limited before parsing; an image comes as multipart, a raw image/* body or
+base64 in JSON. With an API key, every /v1 route needs it in the X-API-Key header.
+``captcha_lit.deploy.serve`` runs this app on uvicorn.
+
+What one request may cost is bounded: its body (bytes and read time), the nesting and
+numbers of its JSON, the pixels its images declare in all (checked from their headers,
+before any is decoded), and its time from a full body to the answer. Every error is JSON.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import contextlib
 import hmac
-import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
+from starlette.staticfiles import StaticFiles
 
 from captcha_lit import __version__
 from captcha_lit.deploy.batcher import MicroBatcher
+from captcha_lit.deploy.request_body import BodyLimitMiddleware, decode_base64, read_uploads
 from captcha_lit.deploy.runtime import Solver
-from captcha_lit.preprocess import ImageDecodeError
+from captcha_lit.preprocess import ImageDecodeError, probe_pixels
 
 API_KEY_ENV = "CAPTCHA_LIT_API_KEY"
-RAW_IMAGE_TYPES = ("application/octet-stream",)  # and every image/* type
 SOLVE_PAGE = Path(__file__).with_name("static") / "solve.html"  # GET /: drop or paste an image, see its reading
 
 
@@ -45,6 +50,8 @@ class Solved(BaseModel):
     text: str = Field(description="the decoded text")
     confidence: float = Field(description="probability of the whole text")
     char_confidences: list[float] = Field(description="probability of each character of the text")
+    unsure: str | None = Field(None, description="why the reading cannot be right (empty, or a length outside the "
+                                                 "model's range); null when its length is in range")
 
 
 class SolveResponse(Solved):
@@ -56,6 +63,7 @@ class BatchItem(BaseModel):
     text: str | None = None
     confidence: float | None = None
     char_confidences: list[float] | None = None
+    unsure: str | None = None
     error: str | None = Field(None, description="why this image could not be solved")
 
 
@@ -88,146 +96,62 @@ _BATCH_BODY = {
 }
 _ERRORS = {code: {"model": Error, "description": text} for code, text in (
     (400, "malformed request: empty body, bad JSON or base64, missing field"),
-    (401, "missing or wrong API key"), (413, "body or batch too large"),
-    (415, "unsupported Content-Type"), (422, "not a readable image, or too many pixels"),
+    (401, "missing or wrong API key"), (408, "request body not received in time"),
+    (413, "body, batch or pixels in all too large"), (415, "unsupported Content-Type"),
+    (422, "not a readable image, or too many pixels"), (503, "busy: the request ran out of time"),
 )}
 
 
-# ---- body size limit ----------------------------------------------------------------------
-class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, before any parsing.
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost."""
 
-    The body is read here (it is small by construction) and replayed to the app. An
-    oversized body is drained up to ``drain_factor`` times the limit so that the client,
-    still sending, reads the 413 instead of a reset connection.
-    """
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_batch: int = 64  # images per /v1/solve/batch request
+    max_request_pixels: int = 4096 * 4096  # pixels that a request's images declare, in all
+    body_timeout: float = 30.0  # seconds to receive the body once the headers are in
+    request_timeout: float = 10.0  # seconds from a full body to the answer
 
-    def __init__(self, app, max_bytes: int, drain_factor: int = 8):
-        self.app, self.max_bytes, self.drain_limit = app, int(max_bytes), int(max_bytes) * drain_factor
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_big = f"request body exceeds the limit of {self.max_bytes} bytes"
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            if int(declared) <= self.drain_limit:
-                await _drain(receive)
-            return await _send_json(send, 413, too_big)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                if size <= self.drain_limit and more:
-                    await _drain(receive, size, self.drain_limit)
-                return await _send_json(send, 413, too_big)
-            chunks.append(chunk)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-async def _drain(receive, size: int = 0, limit: float = float("inf")) -> None:
-    while size <= limit:
-        message = await receive()
-        size += len(message.get("body", b""))
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            return
-
-
-async def _send_json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
-
-
-# ---- request parsing ----------------------------------------------------------------------
-def _b64decode(value: Any, label: str) -> bytes:
-    if not isinstance(value, str):
-        raise HTTPException(400, f"{label} must be a base64 string, got {type(value).__name__}")
-    if value.startswith("data:") and "," in value:  # a data URL
-        value = value.split(",", 1)[1]
-    try:
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise HTTPException(400, f"{label} is not valid base64 ({exc})") from None
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-_EXPECTED = ("send multipart/form-data with a '{field}' file field, or application/json {example}")
-
-
-async def _read_uploads(request: Request, field: str, example: str, max_files: int) -> list[tuple[str, bytes]]:
-    body = await request.body()
-    hint = _EXPECTED.format(field=field, example=example)
-    if not body:
-        raise HTTPException(400, f"empty request body; {hint}")
-    media = _media_type(request)
-    if media == "multipart/form-data":
-        form = await request.form()  # the body limit already bounds the number of parts
-        uploads = form.getlist(field)
-        if not uploads:
-            raise HTTPException(400, f"multipart body has no '{field}' field; {hint}")
-        if not all(isinstance(u, UploadFile) for u in uploads):
-            raise HTTPException(400, f"multipart field '{field}' must be a file upload, not a text value")
-        if max_files == 1 and len(uploads) > 1:
-            raise HTTPException(400, f"send one '{field}' per request, or several to /v1/solve/batch")
-        if max_files == 1:
-            return [(f"{field} {uploads[0].filename or ''!r}", await uploads[0].read())]
-        return [(f"{field}[{i}] {u.filename or ''!r}", await u.read()) for i, u in enumerate(uploads)]
-    if media == "application/json" or media.endswith("+json"):
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPException(400, f"request body is not valid JSON ({exc})") from None
-        return _json_images(payload, field, hint)
-    if field == "file" and (media.startswith("image/") or media in RAW_IMAGE_TYPES):
-        return [("request body", body)]
-    raise HTTPException(415, f"unsupported Content-Type {media or '(none)'!r}; {hint}")
-
-
-def _json_images(payload: Any, field: str, hint: str) -> list[tuple[str, bytes]]:
-    if field == "file":
-        if not isinstance(payload, dict) or "image" not in payload:
-            raise HTTPException(400, f"JSON body has no 'image' key; {hint}")
-        return [("image", _b64decode(payload["image"], "'image'"))]
-    images = payload.get("images") if isinstance(payload, dict) else payload
-    if not isinstance(images, list) or not images:
-        raise HTTPException(400, f"JSON body must be a non-empty list of base64 images; {hint}")
-    return [(f"images[{i}]", _b64decode(value, f"images[{i}]")) for i, value in enumerate(images)]
 
 
 # ---- the app --------------------------------------------------------------------------------
+class _RequestError(Exception):
+    """A whole request refused while its images are checked (off the event loop)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _swagger_assets() -> str | None:
+    """The folder of the Swagger UI files that the ``swagger-ui-bundle`` package ships, if installed."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    return str(swagger_ui_path)
+
+
 def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_batch: int = 64,
-               api_key: str | None = None, micro_batch: int = 64) -> FastAPI:
+               api_key: str | None = None, micro_batch: int = 64, limits: RequestLimits | None = None) -> FastAPI:
     """The FastAPI app around ``solver``. ``api_key`` (if set) guards every /v1 route;
-    ``micro_batch`` caps the images that concurrent requests share in one model call."""
+    ``micro_batch`` caps the images that concurrent requests share in one model call;
+    ``limits`` bounds what one request may cost (its body and batch sizes override
+    ``max_body_bytes`` and ``max_batch``)."""
+    limits = limits or RequestLimits(max_body_bytes=max_body_bytes, max_batch=max_batch)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
         batcher.close()
+        for pool in decoders.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="captcha_lit", version=__version__, lifespan=lifespan,
+    assets = _swagger_assets()
+    app = FastAPI(title="captcha_lit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Solves text CAPTCHAs with model {solver.model_id} ({solver.spec.arch}, "
                               f"{solver.spec.decoder} decoder).")
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
     header = APIKeyHeader(name="X-API-Key", auto_error=False, description=f"required when {API_KEY_ENV} is set")
 
     async def check_key(key: str | None = Depends(header)) -> None:
@@ -238,30 +162,74 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
     # Without a key there is nothing to check: no dependency at all (it costs ~10% of a request).
     guard = [Depends(check_key)] if api_key else []
 
-    def solve_images(items: list[tuple[str, bytes]]) -> list[dict]:
-        """Decode each image (errors per image), then solve the good ones in one batch."""
-        results: list[dict] = []
-        arrays, slots = [], []
+    def decode(items: list[tuple[str, bytes | str]]) -> tuple[list[dict], np.ndarray | None]:
+        """Each image's error, or its pixels at the model input; the request's pixels in all
+        are checked from the images' headers before any of them is decoded."""
+        encoded: dict[str, bytes] = {}  # a base64 string sent several times is decoded once
+        files, declared = [], 0
         for label, data in items:
+            if isinstance(data, str):
+                data = encoded[data] if data in encoded else encoded.setdefault(data, decode_base64(data, label))
+            files.append((label, data))
+            pixels = probe_pixels(data)
+            # An image over the per-image limit is refused on its own, undecoded, so it does not count here.
+            declared += pixels if pixels <= solver.max_pixels else 0
+            if declared > limits.max_request_pixels:
+                raise _RequestError(413, f"the images of this request declare more than {limits.max_request_pixels} "
+                                         f"pixels in all (the limit per request; {label} passes it); send fewer or "
+                                         "smaller images")
+        results: list[dict] = []
+        arrays = []
+        for label, data in files:
             try:
                 arrays.append(solver.load(data, name=label))
-                slots.append(len(results))
                 results.append({})
             except ImageDecodeError as exc:
                 results.append({"error": str(exc)})
-        if arrays:
-            for slot, solution in zip(slots, solver.solve_arrays(np.stack(arrays))):
-                results[slot] = solution.to_dict()
+        return results, (np.stack(arrays) if arrays else None)
+
+    batcher = MicroBatcher(solver.solve_arrays, micro_batch)
+    # Single solves decode on a thread of their own, so a batch being decoded never holds one up.
+    decoders = {kind: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"captcha_lit_decode_{kind}")
+                for kind in ("single", "batch")}
+
+    async def answer(items: list[tuple[str, bytes | str]], kind: str) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        results, arrays = await loop.run_in_executor(decoders[kind], decode, items)
+        if arrays is not None:
+            solutions = iter(await batcher.solve(arrays))
+            results = [result if "error" in result else next(solutions).to_dict() for result in results]
         return results
 
-    batcher = MicroBatcher(solve_images, micro_batch)
+    async def within_time_limit(items: list[tuple[str, bytes | str]], kind: str) -> list[dict]:
+        try:
+            return await asyncio.wait_for(answer(items, kind), limits.request_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"the server is busy: no answer within {limits.request_timeout:g} s; retry in a "
+                                     "moment", headers={"Retry-After": "1"}) from None
+        except _RequestError as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+
     page = SOLVE_PAGE.read_text(encoding="utf-8")
 
     @app.get("/", include_in_schema=False)
     async def solve_page() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/health", tags=["service"])
+    if assets is not None:
+        app.mount("/docs/assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if assets is None:
+            raise HTTPException(404, "the API docs need the swagger-ui-bundle package: pip install -e '.[deploy]'; "
+                                     "the API itself is described at /openapi.json")
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["service"])
     async def health() -> dict:
         return {"status": "ok", "model_id": solver.model_id, "pid": os.getpid()}  # pid: which worker answered
 
@@ -271,16 +239,18 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         return {"model_id": solver.model_id, "arch": spec.arch, "decoder": spec.decoder, "charset": spec.charset,
                 "min_length": spec.min_length, "max_length": spec.max_length, "input_size": list(spec.input_size),
                 "mean": list(spec.mean), "std": list(spec.std), "exported_with": spec.version,
-                "version": __version__, "max_body_bytes": max_body_bytes, "max_batch": max_batch,
-                "max_image_pixels": solver.max_pixels}
+                "version": __version__, "max_body_bytes": limits.max_body_bytes, "max_batch": limits.max_batch,
+                "max_image_pixels": solver.max_pixels, "max_request_pixels": limits.max_request_pixels,
+                "request_timeout_s": limits.request_timeout}
 
     @app.post("/v1/solve", tags=["solve"], response_model=SolveResponse, dependencies=guard,
               responses=_ERRORS, openapi_extra={"requestBody": {"required": True, "content": _IMAGE_BODY}})
     async def solve(request: Request) -> dict:
-        """Solve one image: multipart field `file`, JSON `{"image": base64}`, or a raw image/* body."""
+        """Solve one image: multipart field `file`, JSON `{"image": base64}`, or a raw image/* body.
+        `unsure` says why a reading cannot be right (empty, or a length the model does not read)."""
         start = time.perf_counter()
-        items = await _read_uploads(request, "file", '{"image": "<base64>"}', 1)
-        result = (await batcher.solve(items))[0]
+        items = await read_uploads(request, "file", '{"image": "<base64>"}', 1)
+        result = (await within_time_limit(items, "single"))[0]
         if "error" in result:
             raise HTTPException(422, result["error"])
         return {**result, "model_id": solver.model_id, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
@@ -292,10 +262,10 @@ def create_app(solver: Solver, *, max_body_bytes: int = 2 * 1024 * 1024, max_bat
         """Solve several images: multipart fields `files`, or a JSON list of base64 strings (or
         `{"images": [...]}`). An unreadable image gets an `error` in its result; the others are solved."""
         start = time.perf_counter()
-        items = await _read_uploads(request, "files", '["<base64>", ...]', max_batch)
-        if len(items) > max_batch:
-            raise HTTPException(413, f"batch of {len(items)} images exceeds the limit of {max_batch}")
-        results = await batcher.solve(items)
+        items = await read_uploads(request, "files", '["<base64>", ...]', limits.max_batch)
+        if len(items) > limits.max_batch:
+            raise HTTPException(413, f"batch of {len(items)} images exceeds the limit of {limits.max_batch}")
+        results = await within_time_limit(items, "batch")
         return {"results": results, "model_id": solver.model_id,
                 "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
 

@@ -25,7 +25,7 @@ from captcha_lit.training.checkpoints import checkpoint_data_config, load_module
 from captcha_lit.deploy.quantize import compare_texts, int8_path, quantize_int8
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.training.inference import read_images
-from captcha_lit.utils import output_dir, write_json
+from captcha_lit.utils import output_dir, require_extra, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,15 @@ def _to_onnx(module, path: Path, opset: int) -> None:
         # and attention input checks) and about GRU batch sizes; the parity check below
         # verifies the result at several batch sizes instead.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                module, (sample,), str(path), dynamo=False, opset_version=int(opset), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        except Exception as exc:  # torch raises RuntimeError, ValueError or its own SymbolicValueError here
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"opset={opset}: torch cannot export this {module.spec.arch!r} model at that opset "
+                             f"({reason}); use opset=17, the default") from None
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in module.spec.replace(version=__version__).to_metadata().items():
@@ -81,8 +86,7 @@ def _parity_images(state: dict, count: int | None, seed: int | str, split: str =
             raise ValueError("parity.split=test needs the checkpoint's data config, and this checkpoint has none; "
                              "use parity.split=generated")
         datamodule = build_datamodule(data)
-        datamodule.prepare_data()
-        datamodule.setup("test")
+        datamodule.setup("test")  # builds the test split alone, if it is not cached
         test = datamodule.datasets["test"]
         n = len(test) if count is None else min(int(count), len(test))
         return test.texts[:n], np.stack([np.asarray(test.images[i]) for i in range(n)])
@@ -223,6 +227,10 @@ def export(cfg: DictConfig) -> dict:
     quantize = cfg.get("quantize")
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize={quantize!r}: use int8 (an int8 model beside the fp32 one), or null")
+    require_extra("export", "deploy", "onnx", "onnxruntime")
+    opset = cfg.get("opset", 17)
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ValueError(f"opset={opset!r} must be a whole number, e.g. 17 (the default)")
     module, state = load_module(cfg.ckpt_path)
     path = Path(os.path.expanduser(str(cfg.output))) if cfg.get("output") else Path(output_dir(cfg)) / "model.onnx"
     parity = cfg.get("parity") or {}

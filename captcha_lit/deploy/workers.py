@@ -19,7 +19,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from captcha_lit.deploy.app import api_key_from_env, create_app
+from captcha_lit.deploy.app import RequestLimits, api_key_from_env, create_app
+from captcha_lit.deploy.memory import return_freed_memory
+from captcha_lit.deploy.protocol import ConnectionLimits, guarded_protocol
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.utils import available_cores
 
@@ -38,14 +40,28 @@ class AppSpec:
     max_body_bytes: int
     max_batch: int
     micro_batch: int
+    max_request_pixels: int = RequestLimits.max_request_pixels
+    body_timeout: float = RequestLimits.body_timeout
+    request_timeout: float = RequestLimits.request_timeout
+    header_timeout: float = ConnectionLimits.header_timeout
+    max_connections: int = ConnectionLimits.max_connections
 
     def solver(self) -> Solver:
         return Solver(self.onnx, threads=self.threads, max_pixels=self.max_pixels, spinning=self.spinning)
 
     def app(self, solver: Solver | None = None) -> FastAPI:
         """The app around ``solver``, or around a session of its own on ``onnx``."""
-        return create_app(solver or self.solver(), max_body_bytes=self.max_body_bytes, max_batch=self.max_batch,
-                          api_key=api_key_from_env(), micro_batch=self.micro_batch)
+        return_freed_memory()
+        limits = RequestLimits(max_body_bytes=self.max_body_bytes, max_batch=self.max_batch,
+                               max_request_pixels=self.max_request_pixels, body_timeout=self.body_timeout,
+                               request_timeout=self.request_timeout)
+        return create_app(solver or self.solver(), api_key=api_key_from_env(), micro_batch=self.micro_batch,
+                          limits=limits)
+
+    def http(self):
+        """uvicorn's ``http=``: connections with a header deadline and a cap per process."""
+        return guarded_protocol(ConnectionLimits(header_timeout=self.header_timeout,
+                                                 max_connections=self.max_connections))
 
 
 def resolve_workers(value: Any) -> int:
@@ -75,14 +91,30 @@ def run_workers(spec: AppSpec, run: dict, workers: int) -> None:
     import uvicorn
 
     os.environ[WORKER_ENV] = json.dumps(asdict(spec))
-    uvicorn.run(f"{worker_app.__module__}:{worker_app.__name__}", factory=True, workers=workers, **run)
+    uvicorn.run(f"{worker_app.__module__}:{worker_app.__name__}", factory=True, workers=workers, http=spec.http(),
+                **run)
 
 
 def _run_worker(spec: AppSpec, run: dict, sock: socket.socket) -> None:
     """One server process on its own SO_REUSEPORT socket."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(spec.app(), **run)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(spec.app(), http=spec.http(), **run)).run(sockets=[sock])
+
+
+def check_address(host: str, port: int) -> int:
+    """The port to listen on (``port=0`` picks a free one); a port out of range, or one that
+    something already listens on, is refused before any model loads."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port={port} is out of range: use 1-65535 (0 picks a free port)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port= or host=") from None
+        return probe.getsockname()[1]
 
 
 def _listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
@@ -93,13 +125,7 @@ def _listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     # SO_REUSEPORT would also let these sockets join another server that listens on the port
     # with SO_REUSEPORT (a second captcha_lit.serve, say) and take half of its connections.
     # A plain bind first fails on any port that something already listens on.
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port=") from None
-        port = probe.getsockname()[1]  # port=0 picks a free port, which every worker then shares
+    port = check_address(host, port)
     sockets = []
     try:
         for _ in range(count):
@@ -110,7 +136,7 @@ def _listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
             try:
                 sock.bind((host, port))
             except OSError as exc:
-                raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port=") from None
+                raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port=") from None
     except BaseException:
         for sock in sockets:
             sock.close()

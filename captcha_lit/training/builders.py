@@ -122,6 +122,11 @@ def normalization(data: dict) -> tuple[list[float], list[float]]:
     return out[0], out[1]
 
 
+# Data config keys that describe this machine (where the cache is, how many processes generate and
+# load), not the data: a checkpoint's values for them are the training machine's.
+MACHINE_DATA_KEYS = ("cache_dir", "gen_workers", "num_workers")
+
+
 def build_datamodule(data_cfg: DictConfig | dict, augmentation: DictConfig | dict | None = None):
     data = dict(to_plain(data_cfg))
     if data.get("grayscale") != "auto":  # auto: checked once the folder has settled it (build_module)

@@ -77,6 +77,10 @@ class RunTimeline(L.Callback):
         # Testing a checkpoint loads it too; only a resumed fit takes it over (in on_train_start).
         self._resumed = state_dict
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._resumed:  # resumed after its last epoch: no epoch ran, on_train_start neither
+            self.on_train_start(trainer, pl_module)
+
     def on_train_start(self, trainer, pl_module) -> None:
         state, self._resumed = self._resumed, None
         if state:

@@ -4,13 +4,14 @@ Checkpoints written before model specs (up to commit 640dca3) are converted on l
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
 import torch
 
 from captcha_lit.spec import ModelSpec
-from captcha_lit.utils import check_model_path
+from captcha_lit.utils import check_model_path, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def init_from_checkpoint(module, path: str | os.PathLike) -> dict:
     state = load_checkpoint_dict(path)
     source = f"init_from={str(path)!r}"
     their_hparams = module_hparams(state, source)
-    if "state_dict" not in state:
+    if not isinstance(state.get("state_dict"), dict):
         raise ValueError(f"{source} is not a captcha_lit checkpoint (no state_dict)")
     theirs = ModelSpec.from_dict(dict(their_hparams["spec"]), source)
     ours = module.spec
@@ -119,17 +120,33 @@ def _legacy_hparams(hp: dict) -> dict:
 
 
 def module_hparams(state: dict, source: str) -> dict:
-    """A checkpoint's CaptchaModule arguments; checkpoints written before the spec are converted."""
+    """A checkpoint's CaptchaModule arguments, checked: known keys only, a valid spec, and the spec
+    the weights were trained for. Checkpoints written before the spec are converted."""
     if not isinstance(state, dict) or not isinstance(state.get("hyper_parameters"), dict):
         raise ValueError(f"{source} is not a captcha_lit checkpoint (no hyper_parameters)")
     hp = dict(state["hyper_parameters"])
     if "spec" not in hp:
         try:
             hp = _legacy_hparams(hp)
-        except KeyError as exc:
+        except (KeyError, TypeError) as exc:
             raise ValueError(f"{source} is not a captcha_lit checkpoint (its hyperparameters lack {exc})") from None
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
+    from captcha_lit.training.module import CaptchaModule
+
+    known = set(inspect.signature(CaptchaModule.__init__).parameters) - {"self"}
+    unknown = sorted(str(k) for k in set(hp) - known)
+    if unknown:
+        raise ValueError(f"{source}: its hyperparameters have unknown key(s) {', '.join(unknown)}; the checkpoint was "
+                         "edited or written by another program")
+    if not isinstance(hp["spec"], dict):
+        raise ValueError(f"{source}: its hyperparameters' spec is {type(hp['spec']).__name__}, not a mapping")
+    spec = ModelSpec.from_dict(dict(hp["spec"]), source)
+    stored = state.get("spec_digest")
+    if stored is not None and stored != spec.digest():
+        raise ValueError(f"{source}: its model spec (charset, lengths, input size, normalization or architecture) was "
+                         "edited after training and no longer describes its weights; use the checkpoint as it was "
+                         "saved, or fine-tune it with init_from= for new settings")
     return hp
 
 
@@ -139,19 +156,67 @@ def checkpoint_spec(state: dict, source: str = "checkpoint") -> ModelSpec:
 
 def load_module(path: str | os.PathLike, map_location: str = "cpu"):
     """Rebuild a CaptchaModule from its checkpoint alone."""
-    from captcha_lit.training.module import CaptchaModule
-
     state = load_checkpoint_dict(path)
     source = f"checkpoint {str(path)!r}"
-    hparams = module_hparams(state, source)
-    if "state_dict" not in state:
-        raise ValueError(f"{source} is not a captcha_lit checkpoint (no state_dict)")
-    module = CaptchaModule(**hparams)
-    module.load_state_dict(state["state_dict"])
+    module = _build_module(state, source)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ValueError(_weights_mismatch(source, exc)) from None
     module.eval()
     return module.to(map_location), state
 
 
+def _build_module(state: dict, source: str):
+    """A fresh CaptchaModule from a checkpoint's hyperparameters (its weights not yet loaded)."""
+    from captcha_lit.training.module import CaptchaModule
+
+    hparams = module_hparams(state, source)
+    if not isinstance(state.get("state_dict"), dict):
+        raise ValueError(f"{source} is not a captcha_lit checkpoint (no state_dict)")
+    try:
+        return CaptchaModule(**hparams)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    except (TypeError, AttributeError, KeyError) as exc:  # a value of the wrong type, edited into the file
+        raise ValueError(f"{source}: its hyperparameters are invalid ({type(exc).__name__}: {exc})") from None
+
+
+def _weights_mismatch(source: str, exc: Exception) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line or "Missing" in line
+                  or "Unexpected" in line), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return (f"{source}: its weights do not fit its hyperparameters ({first[:300]}); the checkpoint was edited or is "
+            "damaged")
+
+
+def check_resume_checkpoint(path: str | os.PathLike, module, how: str) -> None:
+    """Refuse, with one line, a checkpoint that training cannot resume ``module``'s run from: unreadable,
+    unsafe, not a Lightning training checkpoint, or of another model. ``how`` says where it came from."""
+    state = load_checkpoint_dict(path)
+    source = f"{how} {str(path)!r}"
+    if not isinstance(state, dict) or "loops" not in state or "optimizer_states" not in state:
+        raise ValueError(f"{source} is not a checkpoint of a training run (no loop or optimizer state), so it cannot be "
+                         "resumed; pass init_from= to start a new run from its weights")
+    fresh = _build_module(state, source)
+    try:
+        fresh.load_state_dict(state["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ValueError(_weights_mismatch(source, exc)) from None
+    theirs, ours = fresh.spec.replace(beam_width=1, version=""), module.spec.replace(beam_width=1, version="")
+    differing = [f"{k}={v!r} there, {ours.to_dict()[k]!r} here" for k, v in theirs.to_dict().items()
+                 if v != ours.to_dict()[k]]
+    differing += [f"model.{k}={fresh.hparams.model_kwargs.get(k)!r} there, {module.hparams.model_kwargs.get(k)!r} here"
+                  for k in sorted(set(fresh.hparams.model_kwargs) | set(module.hparams.model_kwargs))
+                  if fresh.hparams.model_kwargs.get(k) != module.hparams.model_kwargs.get(k)]
+    if differing:
+        raise ValueError(f"{source} holds a different model than this run builds ({'; '.join(differing[:3])}); resume "
+                         "with the checkpoint's settings, or pass init_from= to fine-tune it")
+
+
 def checkpoint_data_config(state: dict) -> dict:
-    """The data config a checkpoint was trained with (datamodule hparams), with its spec's preprocessing."""
-    return {**(state.get("datamodule_hyper_parameters") or {}), **checkpoint_spec(state).data_values()}
+    """The data config a checkpoint was trained with (datamodule hparams), with its spec's preprocessing.
+    The cache is this machine's (``$CAPTCHA_LIT_CACHE``): the training machine's path may not exist here."""
+    data = {**(state.get("datamodule_hyper_parameters") or {}), **checkpoint_spec(state).data_values()}
+    if "cache_dir" in data:
+        data["cache_dir"] = default_cache_dir()
+    return data

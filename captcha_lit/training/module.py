@@ -189,6 +189,8 @@ class CaptchaModule(L.LightningModule):
         # A resumed run continues exactly like one that never stopped (same shuffling, augmentation,
         # dropout, same best score) only with these, which Lightning does not keep.
         checkpoint["rng_states"] = _rng_states()
+        # What the weights were trained for: loading refuses a checkpoint whose spec was edited since.
+        checkpoint["spec_digest"] = self.spec.digest()
         if self.val_seq_acc_best.update_called:
             checkpoint["val_seq_acc_best"] = float(self.val_seq_acc_best.compute())
 
@@ -211,6 +213,12 @@ class CaptchaModule(L.LightningModule):
         if self._resume_best is not None:
             self.val_seq_acc_best.update(torch.tensor(self._resume_best, device=self.device))
             self._resume_best = None
+
+    def on_fit_end(self) -> None:
+        # A run resumed after its last epoch trains no further: on_train_start never ran, so its best
+        # score (for metrics.json and the sweeper) comes straight from the checkpoint.
+        if self._resume_best is not None:
+            self.on_train_start()
 
     def on_train_epoch_start(self) -> None:
         # Streaming data draws new images every epoch: it needs to know which epoch this is before the

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig
 
-from captcha_lit.training.builders import to_plain
+from captcha_lit.training.builders import MACHINE_DATA_KEYS, to_plain
 from captcha_lit.utils import flatten, write_json
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 # How a run is carried out, not what it computes: these may differ between the first try and a resume.
 _IGNORED = ("resume", "ckpt_path", "paths", "trainer/default_root_dir", "trainer/enable_progress_bar",
-            "trainer/enable_model_summary", "data/cache_dir", "data/gen_workers", "data/num_workers")
+            "trainer/enable_model_summary", *(f"data/{key}" for key in MACHINE_DATA_KEYS))
 
 
 class ResumePoint(NamedTuple):

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from captcha_lit.bench import cli, training
 from captcha_lit.bench.tables import run_table
 
@@ -82,3 +84,25 @@ def test_recipes_compose_in_a_fresh_process():
             "print(compose(['experiment=varlen']).model.name, compose(['experiment=seed']).model.name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["crnn_classic", "cnn_seed"]
+
+
+@pytest.mark.slow
+def test_hostile_load_benchmark_runs_for_real(tmp_path, monkeypatch):
+    """A short run of --only hostile_load: legitimate clients are answered while attackers send the
+    amplification batch (refused with 413), and slow connections are closed by the header timeout."""
+    from captcha_lit.bench import hostile_load
+
+    monkeypatch.setattr(hostile_load, "HEADER_TIMEOUT_S", 2)
+    results = cli.main(["--only", "hostile_load", "--http-seconds", "3", "--http-clients", "4",
+                        "--out", str(tmp_path)])
+    result = results["hostile_load"]
+    assert "error" not in result, result
+    assert result["errors"] == 0 and result["requests"] > 0
+    assert set(result["attack"]["statuses"]) == {"413"} and result["attack"]["requests"] > 0
+    assert result["slow"]["closed"] == 200 and result["slow"]["max_close_s"] < 2 + 2
+    assert result["health_after"] == 200
+    (run_dir,) = (path for path in tmp_path.iterdir() if path.is_dir())
+    assert "| HTTP under attack (4 clients + 4 attackers" in (run_dir / "table.md").read_text()
+    with open(tmp_path / "results.csv", newline="") as file:
+        metrics = {row["metric"] for row in csv.DictReader(file) if row["benchmark"] == "hostile_load"}
+    assert {"p99_ms", "errors", "rss_growth_pct", "slow_max_close_s"} <= metrics

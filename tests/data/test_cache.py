@@ -223,3 +223,55 @@ def test_concurrent_builders_build_once(tmp_path):
     labels, images, _ = cache.load_split(_split_folder(root))
     np.testing.assert_array_equal(images, _expected_images())
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _slow_build_then_hang(out: np.ndarray) -> list[str]:
+    _fill(out)
+    Path(os.environ["CAPTCHA_LIT_TEST_READY"]).write_text("building")
+    time.sleep(60)  # the signal arrives here
+    return [f"L{i}" for i in range(len(out))]
+
+
+def _build_in_child(root: str, ready: str) -> None:
+    os.environ["CAPTCHA_LIT_TEST_READY"] = ready
+    cache.get_or_build(root, "unit", FIELDS, COUNT, _slow_build_then_hang, SHAPE)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_a_killed_build_leaves_nothing_behind(tmp_path, signame):
+    """SIGTERM and SIGHUP unwind the build, removing its temporary folder at once; SIGKILL cannot be
+    caught, so the next build (of any split in the cache) removes what it left."""
+    import signal
+
+    ready = tmp_path / "ready"
+    child = multiprocessing.get_context("fork").Process(target=_build_in_child, args=(str(tmp_path), str(ready)))
+    child.start()
+    deadline = time.time() + 30
+    while not ready.exists():
+        assert time.time() < deadline and child.is_alive(), "the build never started"
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".tmp-unit-*"))
+    os.kill(child.pid, getattr(signal, signame))
+    child.join(30)
+    if signame == "SIGKILL":
+        assert child.exitcode == -signal.SIGKILL and len(list(tmp_path.glob(".tmp-unit-*"))) == 1
+        build = CountingBuild()
+        cache.get_or_build(tmp_path, "other", FIELDS, COUNT, build, SHAPE)  # another split's build cleans up
+        assert build.calls == 1
+    else:
+        assert child.exitcode == 128 + getattr(signal, signame)
+    assert not list(tmp_path.glob(".tmp-*")), list(tmp_path.iterdir())
+
+
+def test_a_live_build_of_another_split_is_left_alone(tmp_path):
+    import fcntl
+
+    other_key = cache.cache_key({"kind": "other", "count": 3})
+    live = tmp_path / f".tmp-unit-{other_key}-{os.getpid() + 1}"
+    live.mkdir(parents=True)
+    with open(tmp_path / f".unit-{other_key}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # its builder holds the lock: it is alive
+        _get(tmp_path, CountingBuild())
+        assert live.is_dir()
+    _get(tmp_path, CountingBuild(), fields={"kind": "third"})  # lock released: the folder is dead now
+    assert not live.exists()

@@ -125,7 +125,7 @@ def test_workers_refuse_a_port_another_server_listens_on():
             other.bind(("127.0.0.1", 0))
             other.listen()
             port = other.getsockname()[1]
-            with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{port}: .*choose another port="):
+            with pytest.raises(ValueError, match=rf"cannot listen on 127.0.0.1:{port}: .*choose another port="):
                 _listening_sockets("127.0.0.1", port, 2)
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,65 @@ def test_ddp_two_cpu_processes_in_a_sweep(tmp_path, cache_dir, make_cfg):
     assert single["num_test"] == 32
     assert epoch["test/loss"] == pytest.approx(single["test/loss"], abs=1e-5)
     assert epoch["test/char_acc"] == pytest.approx(single["test/char_acc"], abs=1e-6)
+
+
+def _study(storage: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name="captcha_lit", storage=storage)
+
+
+def test_optuna_study_in_sqlite_survives_a_kill_and_resumes(tmp_path, cache_dir):
+    """A search killed mid-way (SIGKILL, nothing cleaned up) is re-run with the same command: its finished
+    trials stand, a trial it was running is marked failed, and only the missing trials run."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'db' / 'study.db'}"
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "debug=fast", "logger=csv", f"hparams_search.storage={storage}"]
+    cmd = [PYTHON, "-m", "captcha_lit.train", *args, f"data.cache_dir={cache_dir}", *TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, "the search ended before it could be killed"
+            assert time.time() < deadline, "no trial finished in time"
+            try:
+                if any(t.state == TrialState.COMPLETE for t in _study(storage).trials):
+                    break
+            except Exception:  # noqa: BLE001 - the study is not created yet
+                pass
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _study(storage).trials
+    assert 1 <= sum(t.state == TrialState.COMPLETE for t in before) < 3
+    again = _run(args, cache_dir)
+    assert "still missing from n_trials=3" in again.stdout + again.stderr
+    after = _study(storage).trials
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 3
+    assert not [t for t in after if t.state == TrialState.RUNNING]
+    assert len(after) - len(before) == 3 - sum(t.state == TrialState.COMPLETE for t in before)
+    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+
+
+def test_joblib_jobs_share_one_sqlite_study_and_split_the_cores(tmp_path, cache_dir):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from optuna.trial import TrialState
+
+    from captcha_lit.utils import available_cores
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    sweep = tmp_path / "sweep"
+    _run(["hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
+          "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "debug=fast", "trainer.devices=1", "logger=csv",
+          f"hparams_search.storage={storage}"], cache_dir)
+    trials = _study(storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for job in ("0", "1"):
+        assert _metrics(sweep / job)["torch_threads"] == max(1, available_cores() // 2)

@@ -1,0 +1,43 @@
+"""A server process's memory after large requests (glibc only; elsewhere these do nothing).
+
+glibc keeps freed heap memory for reuse, in one arena per thread, so a server's RSS grows to
+its largest burst of request bodies (two-megabyte JSON batches, their parsed strings) and
+stays there. Buffers of 256 KB and more are mapped on their own instead, and unmapped when
+freed; after a large request, the free pages inside the heap go back too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+LARGE_BODY_BYTES = 256 * 1024
+_libc = None
+
+
+def _glibc():
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist only in glibc
+            _libc = libc
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+def return_freed_memory() -> None:
+    """Set this process's allocator to give large freed buffers back to the system."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, LARGE_BODY_BYTES)  # M_MMAP_THRESHOLD (fixed: no longer raised by what is freed)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: the event loop's, decode and model threads share two arenas
+
+
+def trim_heap() -> None:
+    """Give the free pages inside the heap back to the system (a fraction of a millisecond)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
