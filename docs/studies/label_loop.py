@@ -59,7 +59,7 @@ def run(cmd: list[str], log: Path) -> None:
 def split_folder(data: Path, out: Path, test_fraction: float) -> tuple[Path, Path, dict[str, str]]:
     """Copies of the folder's images: test/ (the recipe's test split of the whole folder) and pool/ (the rest,
     to label). Copies, not links: the page serves only files that lie under its folder."""
-    from captcha_lit.data.folder import label_from_name, split_ranks
+    from captcha_lit.data.files import label_from_name, split_ranks
     from captcha_lit.preprocess import scan_images
 
     relpaths = scan_images(data)
@@ -174,7 +174,7 @@ def arm(name: str, rounds: list[int], pool: Path, test_dir: Path, truth: dict, c
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from captcha_lit.data.folder import datasets_dir
+    from captcha_lit.data.files import datasets_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=datasets_dir() / "captcha_images_v2",

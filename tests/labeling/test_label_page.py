@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captcha_lit.data.folder import read_labels_csv
+from captcha_lit.data.files import read_labels_csv
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 from captcha_lit.labeling.order import order_images
 from captcha_lit.labeling.rules import LabelRules

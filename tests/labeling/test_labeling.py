@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from captcha_lit.data.folder import FolderDataModule, read_labels_csv
+from captcha_lit.data.files import read_labels_csv
+from captcha_lit.data.folder import FolderDataModule
 from captcha_lit.labeling.order import order_images
 from captcha_lit.labeling.rules import LabelRules
 from captcha_lit.labeling.session import LabelProblem, LabelSession

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from captcha_lit.data.folder import read_labels_csv
+from captcha_lit.data.files import read_labels_csv
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 from captcha_lit.labeling.order import order_images
 from captcha_lit.predict import open_model, predict_files
