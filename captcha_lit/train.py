@@ -30,6 +30,7 @@ from captcha_lit.training.pretrain import pretrain_mode, pretrained_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
+from captcha_lit.training.selftrain import self_train
 from captcha_lit.utils import (check_model_path, entry_point, flatten, machine_description, output_dir, run_cores,
                                set_torch_threads, write_json)
 
@@ -75,6 +76,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(data_cfg, cfg.get("augmentation"))
     # The datamodule goes first: a folder dataset settles the charset that the model is built for.
     model = build_module(cfg, datamodule)
+    # Checked before any training, so that a bad unlabeled folder fails in seconds, not after the fit.
+    unlabeled = datamodule.unlabeled() if hasattr(datamodule, "unlabeled") else []
     if ckpt_path:
         _check_resumable(ckpt_path, model, explicit=bool(cfg.get("ckpt_path")))
     if getattr(datamodule, "bad_files", None):
@@ -138,6 +141,10 @@ def train(cfg: DictConfig) -> dict:
         "recipe": recipe,
         "machine": _machine(trainer),
     }
+    if unlabeled:
+        final = self_train(cfg, datamodule, metrics, out_dir, start)
+        metrics.update({key: value for key, value in final.items() if key.startswith("test/") or key in (
+            "val/seq_acc_best", "best_ckpt", "last_ckpt", "selftrain", "wall_time_s")})
     for lg in trainer.loggers:
         lg.log_metrics({"hp/val_seq_acc_best": metrics["val/seq_acc_best"] or 0.0,
                         "hp/test_seq_acc": metrics.get("test/seq_acc") or 0.0}, step=trainer.global_step)
@@ -147,7 +154,7 @@ def train(cfg: DictConfig) -> dict:
         summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k in ("wall_time_s", "train_images_per_s")}
         log.info("final metrics: %s", summary)
         print("\n".join(["", "final metrics:"] + [f"  {k:<22} {v}" for k, v in summary.items()]
-                        + [f"  best checkpoint        {best_ckpt}", f"  run directory          {out_dir}"]
+                        + [f"  best checkpoint        {metrics['best_ckpt']}", f"  run directory          {out_dir}"]
                         + [f"  pictures               {folder}" for folder in sorted({str(Path(p).parent)
                                                                                      for p in metrics["plots"]})]))
     return metrics

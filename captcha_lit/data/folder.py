@@ -37,8 +37,9 @@ from captcha_lit.data import cache
 from captcha_lit.data.datamodule import ArrayLoaders, CaptchaArrayDataset, check_input_size
 from captcha_lit.data.survey import (Choice, ImageSurvey, choose_case, choose_grayscale, choose_input_size,
                                      choose_samples_per_epoch, survey_images)
-from captcha_lit.data.files import label_from_name, read_labels_csv, split_ranks
-from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input, scan_images
+from captcha_lit.data.files import labeled_entries, read_labels_csv, split_ranks
+from captcha_lit.data.unlabeled import decode_unlabeled, unlabeled_files
+from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         test_fraction: float = 0.2,
         split_seed: int = 0,
         train_limit: int | None = None,
+        unlabeled_path: str | None = None,
+        pseudo_labels: str | None = None,
         train_samples_per_epoch: int | str | None = AUTO,
         skip_bad: bool = False,
         cache_dir: str = "~/.cache/captcha_lit",
@@ -154,38 +157,6 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         return self._charset_arg
 
     # ---- resolving the folder: labels, images, charset, split ------------------------------
-    def _labeled_files(self) -> tuple[list[tuple[str, str]], list[dict]]:
-        """(relpath, label) for every candidate file, and the files already known to be bad."""
-        hp = self.hparams
-        bad: list[dict] = []
-        if hp.labels_csv:
-            csv_path = Path(os.path.expanduser(str(hp.labels_csv)))
-            csv_path = csv_path if csv_path.is_absolute() else self.root / csv_path
-            rows = read_labels_csv(csv_path)
-            seen: set[str] = set()
-            entries = []
-            for filename, label in rows:
-                relpath = Path(filename).as_posix()
-                if relpath in seen:
-                    bad.append({"file": relpath, "reason": f"listed more than once in {csv_path.name}"})
-                    continue
-                seen.add(relpath)
-                if not (self.root / relpath).is_file():
-                    bad.append({"file": relpath, "reason": f"listed in {csv_path.name} but not found under {self.root}"})
-                    continue
-                entries.append((relpath, label))
-            unlisted = len(set(scan_images(self.root, hp.extensions)) - seen)
-            if unlisted:
-                log.info("%d image files under %s are not in %s and are not used", unlisted, self.root, csv_path.name)
-        else:
-            entries = [(p, label_from_name(p)) for p in scan_images(self.root, hp.extensions)]
-        if not entries and not bad:
-            raise ValueError(
-                f"data.path {str(self.root)!r} has no images ({', '.join(hp.extensions)})"
-                + (f" listed in {hp.labels_csv}" if hp.labels_csv else "")
-            )
-        return sorted(entries), bad
-
     def _label_problem(self, label: str) -> str | None:
         if not label:
             return "no label: name the file LABEL.png or LABEL_anything.png, or list it in data.labels_csv"
@@ -235,7 +206,7 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
         if self._resolved:
             return
         hp = self.hparams
-        entries, bad = self._labeled_files()
+        entries, bad = labeled_entries(self.root, hp.labels_csv, hp.extensions)
         if hp.case_insensitive == AUTO:
             self.recipe["case_insensitive"] = choose_case([label for _, label in entries])
             if self.recipe["case_insensitive"].value:
@@ -299,8 +270,10 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             # larger one, so learning curves over train_limit compare nested training sets.
             train = train[:int(hp.train_limit)]
         chosen = {"test": ranked[:num_test], "val": ranked[num_test:num_test + num_val], "train": train}
+        pseudo_files, pseudo_texts, pseudo_images = self._pseudo_labeled()
         if hp.train_samples_per_epoch == AUTO:
-            self.recipe["train_samples_per_epoch"] = choose_samples_per_epoch(len(train), self.batch_size,
+            self.recipe["train_samples_per_epoch"] = choose_samples_per_epoch(len(train) + len(pseudo_files),
+                                                                              self.batch_size,
                                                                               MIN_BATCHES_PER_EPOCH)
         self.samples_per_epoch = self._settled("train_samples_per_epoch")
         self._splits = {}
@@ -309,12 +282,40 @@ class FolderDataModule(ArrayLoaders, L.LightningDataModule):
             rows = np.asarray([good_rows[i] for i in members], dtype=np.int64)
             self.files[split] = [relpaths[i] for i in members]
             self._splits[split] = (_Rows(images, rows), [labels[i] for i in members])
+        if pseudo_files:  # self-training's readings of unlabeled images join the training split only
+            self.files["train"] += [str(f) for f in pseudo_files]
+            self._splits["train"] = (np.concatenate([np.asarray(images[rows]), pseudo_images]),
+                                     self._splits["train"][1] + pseudo_texts)
         log.info("%s: %d train, %d val, %d test images; charset %r, length %d..%d", self.root,
                  len(chosen["train"]), len(chosen["val"]), len(chosen["test"]), self.charset.chars,
                  self.min_length, self.max_length)
         for key, choice in self.recipe.items():
             log.info("data.%s=auto -> %s: %s", key, choice.to_dict()["value"], choice.reason)
         self._resolved = True
+
+    def _pseudo_labeled(self) -> tuple[list[Path], list[str], np.ndarray | None]:
+        """``data.pseudo_labels``: a CSV of (absolute file, text) that self-training wrote."""
+        if not self.hparams.get("pseudo_labels"):
+            return [], [], None
+        rows = read_labels_csv(Path(self.hparams.pseudo_labels))
+        bad = [f"{name}: {problem}" for name, label in rows if (problem := self._label_problem(label))]
+        if bad:
+            raise ValueError(f"data.pseudo_labels {self.hparams.pseudo_labels}: {len(bad)} bad row(s), e.g. {bad[0]}")
+        files, images = decode_unlabeled([Path(name) for name, _ in rows], self.input_size, self.channels,
+                                         self.cache_dir)
+        texts = dict(rows)
+        return files, [texts[str(f)] for f in files], images
+
+    def unlabeled(self) -> list[Path]:
+        """The checked files of ``data.unlabeled_path`` (``captcha_lit.data.unlabeled``); none without it."""
+        self.resolve()
+        if not self.hparams.get("unlabeled_path"):
+            return []
+        if getattr(self, "_unlabeled", None) is None:
+            labeled = [p for split in SPLITS for p in self.files[split] if not os.path.isabs(p)]
+            self._unlabeled = unlabeled_files(self.hparams.unlabeled_path, self.root, labeled, self.charset,
+                                              self.min_length, self.max_length)
+        return self._unlabeled
 
     def _settled(self, key: str):
         """The value of ``key``: the recipe's choice where it was auto (then recorded in the
