@@ -7,7 +7,7 @@ eval and predict. Logits may be numpy arrays or torch tensors.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +43,8 @@ class Solution:
 def decode(spec: ModelSpec, logits, beam_width: int | None = None) -> Decoded:
     """Logits -> class indices and confidences, as ``spec`` says: CTC (prefix beam search when the
     beam width, ``beam_width`` or the spec's own, is above 1, else greedy) or positional."""
+    if spec.temperature != 1.0:  # calibrated confidences; the argmax, and so every greedy reading, stays
+        logits = _as_float_array(logits) / spec.temperature
     if spec.decoder == "ctc":
         width = spec.beam_width if beam_width is None else int(beam_width)
         if width > 1:
@@ -59,6 +61,25 @@ def read_logits(spec: ModelSpec, logits, beam_width: int | None = None) -> tuple
     solutions = [Solution(charset.decode(indices), confidence, char_conf, unsure_reason(spec, len(indices)))
                  for indices, char_conf, confidence in zip(decoded.indices, decoded.char_conf, decoded.seq_conf)]
     return solutions, decoded
+
+
+def check_min_confidence(min_confidence) -> float | None:
+    if min_confidence is None:
+        return None
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) or not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence={min_confidence!r} must be a probability in [0, 1], e.g. 0.9 (null: off)")
+    return float(min_confidence)
+
+
+def require_confidence(solutions: list[Solution], min_confidence: float | None) -> list[Solution]:
+    """Readings less sure than ``min_confidence`` are marked unsure: whoever uses them should ask
+    for another CAPTCHA rather than submit a likely wrong answer. Calibrated models (their spec's
+    ``temperature``) make the threshold mean what it says."""
+    if min_confidence is None:
+        return solutions
+    return [solution if solution.unsure is not None or solution.confidence >= min_confidence else
+            replace(solution, unsure=f"confidence {solution.confidence:.3f} is below min_confidence={min_confidence:g}")
+            for solution in solutions]
 
 
 def unsure_reason(spec: ModelSpec, length: int) -> str | None:

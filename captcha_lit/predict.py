@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from captcha_lit.preprocess import IMAGE_SUFFIXES, ImageDecodeError, load_input
-from captcha_lit.decoding import Solution
+from captcha_lit.decoding import Solution, check_min_confidence, require_confidence
 from captcha_lit.spec import ModelSpec
 from captcha_lit.utils import entry_point, require_extra, write_json
 
@@ -116,14 +116,17 @@ def _translate(parts: Sequence[str]) -> str:
     return "".join(pieces)
 
 
-def open_model(model_path: str, device: str = "cpu") -> tuple[ModelSpec, Callable[[np.ndarray], list[Solution]]]:
+def open_model(model_path: str, device: str = "cpu", min_confidence: float | None = None,
+               ) -> tuple[ModelSpec, Callable[[np.ndarray], list[Solution]]]:
     """A .ckpt (torch, ``read_images``) or an exported .onnx (onnxruntime, ``Solver``) -> its spec, and
-    a function from uint8 images at its input size, (N, H, W, C), to their solutions."""
+    a function from uint8 images at its input size, (N, H, W, C), to their solutions (those less
+    sure than ``min_confidence`` marked unsure)."""
+    min_confidence = check_min_confidence(min_confidence)
     if str(model_path).endswith(".onnx"):
         from captcha_lit.deploy.runtime import Solver
 
         require_extra("predict with a .onnx model", "deploy", "onnxruntime")
-        solver = Solver(model_path)
+        solver = Solver(model_path, min_confidence=min_confidence)
         return solver.spec, solver.solve_arrays
     import torch
 
@@ -135,7 +138,7 @@ def open_model(model_path: str, device: str = "cpu") -> tuple[ModelSpec, Callabl
     module, _ = load_module(model_path, map_location=device)
 
     def solve(images: np.ndarray) -> list[Solution]:
-        return read_images(module, images).solutions
+        return require_confidence(read_images(module, images).solutions, min_confidence)
 
     return module.spec, solve
 
@@ -216,7 +219,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     files = collect_inputs(cfg.inputs)
-    spec, solve = open_model(str(cfg.ckpt_path), str(cfg.get("device", "cpu")))
+    spec, solve = open_model(str(cfg.ckpt_path), str(cfg.get("device", "cpu")), cfg.get("min_confidence"))
     rows = predict_files(files, spec.input_size, spec.channels, solve, batch_size)
     errors = sum(r["error"] is not None for r in rows)
     unsure = sum(r["unsure"] is not None for r in rows)

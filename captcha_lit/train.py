@@ -27,6 +27,7 @@ from captcha_lit.training.builders import build_datamodule, build_module, build_
 from captcha_lit.training.budget import settle_training_length
 from captcha_lit.training.checkpoints import check_resume_checkpoint, init_from_checkpoint
 from captcha_lit.training.pretrain import pretrain_mode, pretrained_checkpoint
+from captcha_lit.training.calibration import calibrate_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.resume import resume_point
@@ -127,6 +128,7 @@ def train(cfg: DictConfig) -> dict:
         **test_metrics,
         "val/seq_acc_best": fit_metrics.get("val/seq_acc_best"),
         "val/seq_acc": fit_metrics.get("val/seq_acc"),
+        "calibration": fit_metrics.get("calibration"),
         "best_ckpt": best_ckpt,
         "last_ckpt": last_ckpt,
         "epochs": trainer.current_epoch,
@@ -189,9 +191,14 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_p
         if timeline is not None and timeline.points:
             fit_metrics.setdefault("val/seq_acc", timeline.points[-1].get("val/seq_acc"))
     test_metrics: dict = {}
+    ckpt_cb = trainer.checkpoint_callback
+    best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    if cfg.get("calibrate") and best_ckpt:
+        # Every rank fits the same temperature (the test reads it on each); rank 0 alone rewrites the file.
+        report = calibrate_checkpoint(best_ckpt, datamodule, write=trainer.is_global_zero)
+        model.spec = model.spec.replace(temperature=report["temperature"])
+        fit_metrics["calibration"] = report
     if cfg.get("test"):
-        ckpt_cb = trainer.checkpoint_callback
-        best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     return fit_metrics, test_metrics

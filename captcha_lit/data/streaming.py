@@ -91,4 +91,4 @@ class StreamingCaptchaDataset(IterableDataset):
                 if self.transform is not None:
                     image = self.transform(image)
                 target = torch.tensor(self.charset.encode_batch([text], self.max_length)[0], dtype=torch.long)
-                yield {"image": image, "target": target, "length": torch.tensor(len(text)), "text": text}
+                yield {"image": image, "target": target, "length": torch.tensor(len(text))}

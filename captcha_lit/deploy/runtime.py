@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from captcha_lit.decoding import Solution, read_logits
+from captcha_lit.decoding import Solution, check_min_confidence, read_logits, require_confidence
 from captcha_lit.preprocess import MAX_IMAGE_PIXELS, ImageInput, normalize, open_image, resize_to_input
 from captcha_lit.spec import ModelSpec
 from captcha_lit.utils import available_cores, check_model_path
@@ -34,12 +34,13 @@ class Solver:
     use); ``providers`` its execution providers (default: CPU). ``max_pixels`` bounds the
     size of an image before it is decoded (decompression bombs). ``spinning`` lets idle
     intra-op threads busy-wait for the next call: a little faster for back-to-back calls in
-    one process, but it burns cores that a server's event loop needs. Calls are thread-safe.
+    one process, but it burns cores that a server's event loop needs. ``min_confidence`` marks
+    readings less sure than it unsure (``Solution.unsure``). Calls are thread-safe.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None,
                  providers: Sequence[str] | None = None, max_pixels: int = MAX_IMAGE_PIXELS, batch_size: int = 64,
-                 spinning: bool = True):
+                 spinning: bool = True, min_confidence: float | None = None):
         import onnxruntime as ort
 
         self.path = check_model_path(model_path, "model")
@@ -72,6 +73,7 @@ class Solver:
         self.model_id = f"{self.spec.arch or 'model'}-{hashlib.sha256(data).hexdigest()[:12]}"
         self.max_pixels = int(max_pixels)
         self.batch_size = max(1, int(batch_size))
+        self.min_confidence = check_min_confidence(min_confidence)
 
     def __repr__(self) -> str:
         return f"Solver({str(self.path)!r}, arch={self.spec.arch!r}, decoder={self.spec.decoder!r})"
@@ -107,7 +109,7 @@ class Solver:
 
     def _decode(self, logits: np.ndarray) -> list[Solution]:
         # Always greedy: the export's parity check compares against greedy decoding.
-        return read_logits(self.spec, logits, beam_width=1)[0]
+        return require_confidence(read_logits(self.spec, logits, beam_width=1)[0], self.min_confidence)
 
 
 def _describe(image: ImageInput, index: int) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from captcha_lit.decoding import check_min_confidence
 from captcha_lit.deploy.app import api_key_from_env
 from captcha_lit.deploy.workers import AppSpec, check_address, resolve_workers, run_workers
 from captcha_lit.preprocess import MAX_IMAGE_PIXELS
@@ -83,6 +84,7 @@ def serve(cfg: DictConfig) -> None:
             body_timeout=_seconds(cfg.body_timeout, "body_timeout"),
             request_timeout=_seconds(cfg.request_timeout, "request_timeout"),
             header_timeout=_seconds(cfg.header_timeout, "header_timeout"),
+            min_confidence=check_min_confidence(cfg.get("min_confidence")),
             max_connections=_whole(cfg.max_connections, "max_connections"),
         )
         # Opened here even for several workers: a bad model fails once, with one error, before any fork.

@@ -45,9 +45,11 @@ class AppSpec:
     request_timeout: float = RequestLimits.request_timeout
     header_timeout: float = ConnectionLimits.header_timeout
     max_connections: int = ConnectionLimits.max_connections
+    min_confidence: float | None = None
 
     def solver(self) -> Solver:
-        return Solver(self.onnx, threads=self.threads, max_pixels=self.max_pixels, spinning=self.spinning)
+        return Solver(self.onnx, threads=self.threads, max_pixels=self.max_pixels, spinning=self.spinning,
+                      min_confidence=self.min_confidence)
 
     def app(self, solver: Solver | None = None) -> FastAPI:
         """The app around ``solver``, or around a session of its own on ``onnx``."""

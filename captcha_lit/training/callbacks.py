@@ -108,9 +108,7 @@ def _has_matplotlib(what: str) -> bool:
 
 
 def _texts(pl_module, batch: dict) -> list[str]:
-    """The batch's labels: its ``text`` field, or its targets decoded."""
-    if "text" in batch:
-        return list(batch["text"])
+    """The batch's labels, decoded from its targets."""
     return [pl_module.charset.decode(row) for row in batch["target"].tolist()]
 
 

@@ -15,10 +15,10 @@ from torchmetrics import MaxMetric
 
 from captcha_lit.charset import Charset
 from captcha_lit.data.transforms import AUGMENTATION_BACKENDS, BatchAugment, EvalPreset
-from captcha_lit.decoding import Decoded, Solution, decode, read_logits
+from captcha_lit.decoding import Decoded, Solution, read_logits
 from captcha_lit.models import get_model, model_decoder
 from captcha_lit.spec import ModelSpec
-from captcha_lit.training.metrics import match_texts, stage_metrics
+from captcha_lit.training.metrics import match_greedy, match_texts, stage_metrics
 from captcha_lit.training.optim import check_optim, make_optimizer
 
 # The module, not the datamodule, turns uint8 batches into normalized floats on purpose
@@ -150,11 +150,12 @@ class CaptchaModule(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         with torch.no_grad():
             if stage == "train":
-                # Training metrics only follow progress: greedy class indices are enough, no texts.
-                solutions, decoded = None, decode(self.spec, logits.detach(), beam_width=1)
+                # Training metrics only follow progress: greedy readings as tensors, no texts.
+                solutions, decoded = None, None
+                match = match_greedy(self.spec, logits.detach(), targets)
             else:
                 solutions, decoded = self.read(logits.detach())
-            match = match_texts(decoded.indices, targets)
+                match = match_texts(decoded.indices, targets)
         metrics["loss"].update(loss.detach(), weight=images.shape[0])
         metrics["seq_acc"].update(match.seq)
         metrics["char_acc"].update(match.chars)
@@ -162,6 +163,8 @@ class CaptchaModule(L.LightningModule):
             metrics["len_acc"].update(match.same_length)
             metrics["pos_acc"].update(match.positions)
         preds = None
+        if "ece" in metrics:
+            metrics["ece"].update(torch.tensor(decoded.seq_conf, device=loss.device).clamp(0, 1), match.seq.long())
         if "cer" in metrics:
             preds = [solution.text for solution in solutions]
             truths = [self.charset.decode(row) for row in targets.tolist()]

@@ -53,16 +53,17 @@ def run_model(module, dataset, batch_size: int, num_embeddings: int, device: str
     shared = bool(getattr(module.net, "shared_position_features", False))
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
         start = len(truths)
-        take = min(len(batch["text"]), num_embeddings - start)
+        batch_texts = [module.charset.decode(row) for row in batch["target"].tolist()]
+        take = min(len(batch_texts), num_embeddings - start)
         reading = read_images(module, batch["image"], batch_size=batch_size, keep_logits=take > 0)
         texts = reading.texts
-        truths += list(batch["text"])
+        truths += batch_texts
         preds += texts
         confidences += [s.confidence for s in reading.solutions]
         if take > 0:
             features = module.forward_features(module.preprocess(batch["image"][:take].to(device)))
             parts.append(analysis.character_points(
-                features, reading.logits[:take], batch["text"][:take], texts[:take],
+                features, reading.logits[:take], batch_texts[:take], texts[:take],
                 decoder=module.spec.decoder, charset=module.spec.charset, shared=shared, first_sample=start,
             ))
     return truths, preds, confidences, analysis.FeaturePoints.concat(parts)

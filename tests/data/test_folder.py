@@ -206,8 +206,9 @@ def test_variable_length_batches_are_padded(tmp_path, cache_dir):
     assert (dm.label_spec()["min_length"], dm.label_spec()["max_length"]) == (3, 6)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["target"].shape == (len(batch["text"]), 6)
-    for row, length, text in zip(batch["target"].tolist(), batch["length"].tolist(), batch["text"]):
+    texts = [dm.charset.decode(row) for row in batch["target"].tolist()]
+    assert batch["target"].shape == (len(texts), 6) and set(texts) <= set(dm.datasets["train"].texts)
+    for row, length, text in zip(batch["target"].tolist(), batch["length"].tolist(), texts):
         assert length == len(text)
         assert row[:length] == [dm.charset.chars.index(c) for c in text]
         assert row[length:] == [-1] * (6 - length)

@@ -80,3 +80,29 @@ def test_font_without_the_charset_is_refused(cache_dir):
     display = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansDisplay.ttf"
     with pytest.raises(ValueError, match="cannot draw"):
         build_datamodule(synthetic_data(fonts=[str(display)], cache_dir=str(cache_dir), grayscale=False))
+
+
+@pytest.mark.parametrize("decoder,min_length", [("ctc", 5), ("ctc", 3), ("positional", 5), ("positional", 3)])
+def test_training_matches_in_tensors_equal_those_of_the_decoded_texts(decoder, min_length):
+    """A training step's metrics (``match_greedy``, on tensors) are those of decoding each sample and
+    comparing lists (``match_texts``), for both decoders and fixed or variable lengths."""
+    from captcha_lit.decoding import decode
+    from captcha_lit.training.metrics import match_greedy, match_texts
+
+    spec = ModelSpec(charset="ABC", min_length=min_length, max_length=5, input_size=(32, 96), mean=(0.5,),
+                     std=(0.5,), decoder=decoder, arch="crnn" if decoder == "ctc" else "cnn", beam_width=1)
+    generator = torch.Generator().manual_seed(0)
+    steps = 12 if decoder == "ctc" else 5
+    # Few classes and peaked logits, so that repeats, blanks, end symbols and exact hits all occur.
+    logits = torch.randn(400, steps, spec.num_outputs, generator=generator) * 4
+    lengths = torch.randint(min_length, 6, (400,), generator=generator)
+    targets = torch.randint(0, 3, (400, 5), generator=generator)
+    targets = targets.masked_fill(torch.arange(5)[None] >= lengths[:, None], -1)
+    for row, reading in enumerate(decode(spec, logits[:100], beam_width=1).indices):
+        if 1 <= len(reading) <= 5:  # a quarter of the samples read right, so whole-text hits occur too
+            targets[row] = torch.tensor(reading + [-1] * (5 - len(reading)))
+    ours = match_greedy(spec, logits, targets)
+    theirs = match_texts(decode(spec, logits, beam_width=1).indices, targets)
+    for name, a, b in zip(ours._fields, ours, theirs):
+        assert torch.equal(a, b), name
+    assert 0 < ours.chars.mean() < 1 and 0 < ours.seq.mean() < 1 and ours.same_length.sum() > 0

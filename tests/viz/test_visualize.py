@@ -154,7 +154,8 @@ def test_prediction_gallery_callback_keeps_wrong_ones_first(tmp_path, make_modul
     gallery.on_validation_epoch_start(trainer, module)
     for texts, preds in ((["AAAAA", "BBBBB", "CCCCC"], ["AAAAA", "BBBBB", "CCCCC"]),
                          (["DDDDD", "EEEEE", "FFFFF"], ["DDDDD", "EXEEE", "FFF"])):
-        batch = {"image": module.preprocess(torch.randint(0, 256, (3, 3, 32, 96), dtype=torch.uint8)), "text": texts}
+        batch = {"image": module.preprocess(torch.randint(0, 256, (3, 3, 32, 96), dtype=torch.uint8)),
+                 "target": torch.tensor([module.charset.encode(text) for text in texts])}
         gallery.on_validation_batch_end(trainer, module, {"preds": preds, "confidences": [0.5] * 3}, batch, 0)
     assert len(gallery._kept[True]) == 4 and len(gallery._kept[False]) == 2
     gallery.on_validation_epoch_end(trainer, module)
