@@ -5,7 +5,7 @@
     python -m captcha_lit.bench --only train_default --train-repeats 3
     python -m captcha_lit.bench --only onnx --http-seconds 10
     python -m captcha_lit.bench --only parity --ckpt outputs/train/runs/<time>/checkpoints/<best>.ckpt
-    python -m captcha_lit.bench --only finetune         # synthetic pre-training vs. 100/200 real labels
+    python -m captcha_lit.bench --only labels --train-repeats 3  # 100/50 labels, 25 + unlabeled, vs. scratch
     python -m captcha_lit.bench --only ddp --train-repeats 3 # 1 process vs DDP with 2 (gloo), equal samples
     python -m captcha_lit.bench --only stream --repeats 3    # time the trainer waits for streamed data
     python -m captcha_lit.bench --table                 # the README's results table from docs/results.csv
@@ -35,9 +35,9 @@ from captcha_lit.bench.results import (ResultsFileError, append_rows, check_colu
                                        current_provenance, read_rows, result_rows)
 from captcha_lit.bench.speed import bench_onnx, bench_parity, bench_throughput, newest_checkpoint
 from captcha_lit.bench.tables import current_results_table, run_table
-from captcha_lit.bench.training import TRAINING, bench_ddp, bench_finetune, bench_training
+from captcha_lit.bench.training import TRAINING, bench_ddp, bench_labels, bench_training
 
-ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", "hostile_load", *TRAINING, "ddp", "stream", "finetune",
+ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", "hostile_load", *TRAINING, "ddp", "stream", "labels",
                   "parity")
 DEFAULT_RESULTS_CSV = ROOT / "docs" / "results.csv"
 
@@ -46,7 +46,7 @@ _FLAGS = {"gen": ("repeats", "gen_images"), "load": ("repeats", "load_images"), 
           "onnx": ("repeats", "http_seconds", "http_clients"), "hostile_load": ("http_seconds", "http_clients"),
           **{key: ("train_repeats",) for key in TRAINING},
           "ddp": ("train_repeats", "ddp_samples", "ddp_epochs"),
-          "stream": ("repeats", "stream_batches", "stream_workers"), "finetune": (), "parity": ("ckpt",)}
+          "stream": ("repeats", "stream_batches", "stream_workers"), "labels": ("train_repeats",), "parity": ("ckpt",)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,8 +103,8 @@ def _run_benchmark(key: str, args: argparse.Namespace, out_dir: Path, results: d
         return bench_ddp(args.train_repeats, args.ddp_samples, args.ddp_epochs, out_dir)
     if key == "stream":
         return bench_stream(args.repeats, args.stream_batches, args.stream_workers)
-    if key == "finetune":
-        return bench_finetune(out_dir)
+    if key == "labels":
+        return bench_labels(args.train_repeats, out_dir)
     if key == "parity":
         ckpt = args.ckpt
         if ckpt is None and "train_default" in results:

@@ -131,14 +131,24 @@ def _stream_rows(rows: _RowCollector, result: dict, command: str) -> None:
                             command, medians)
 
 
-def _finetune_rows(rows: _RowCollector, result: dict, command: str) -> None:
-    seeds = str(result.get("seed", ""))
-    for row in result["rows"]:
-        benchmark = f"finetune_captcha_images_v2_{row['labels']}"
-        for suffix, run in (("", row["pretrained"]), ("_scratch", row["scratch"])):
-            if "error" not in run:
-                rows.add(benchmark, f"test_seq_acc{suffix}", run.get("test_seq_acc"), seeds, command)
-                rows.add(benchmark, f"wall_time_s{suffix}", run.get("wall_s"), seeds, command)
+def _labels_rows(rows: _RowCollector, result: dict, command: str) -> None:
+    from captcha_lit.bench.training import LABEL_COUNTS, SELF_TRAINING_LABELS
+
+    if "error" in result:
+        return
+    prefix = f"labels_{result['dataset']}"
+    for labels in LABEL_COUNTS:
+        benchmark = f"{prefix}_{labels}"
+        rows.seeded_runs(benchmark, result[f"{labels}"]["runs"], {"test_seq_acc": "test_seq_acc",
+                         "wall_time_s": "wall_s", "test_ece": "test_ece"}, command, result[f"{labels}"])
+        rows.seeded_runs(benchmark, result[f"{labels}_scratch"]["runs"], {"test_seq_acc_scratch": "test_seq_acc"},
+                         command, result[f"{labels}_scratch"])
+        rows.add(benchmark, "pretrain_s", result["median_pretrain_s"], "", command)
+    benchmark, with_unlabeled = f"{prefix}_{SELF_TRAINING_LABELS}_unlabeled", result[f"{SELF_TRAINING_LABELS}_unlabeled"]
+    rows.seeded_runs(benchmark, with_unlabeled["runs"], {"test_seq_acc": "test_seq_acc", "wall_time_s": "wall_s"},
+                     command, with_unlabeled)
+    rows.seeded_runs(benchmark, result[f"{SELF_TRAINING_LABELS}"]["runs"], {"test_seq_acc_labels_only": "test_seq_acc"},
+                     command, result[f"{SELF_TRAINING_LABELS}"])
 
 
 def result_rows(key: str, result: dict, command: str, provenance: Provenance) -> list[dict]:
@@ -173,8 +183,8 @@ def result_rows(key: str, result: dict, command: str, provenance: Provenance) ->
             rows.seeded_runs("ddp", result[setup]["runs"], metrics, command, result[setup])
     elif key == "stream":
         _stream_rows(rows, result, command)
-    elif key == "finetune":
-        _finetune_rows(rows, result, command)
+    elif key == "labels":
+        _labels_rows(rows, result, command)
     elif key == "parity" and "error" not in result:
         for metric in ("text_agreement", "text_mismatches", "max_abs_logit_diff", "torch_seq_acc", "onnx_seq_acc"):
             rows.add("parity", metric, result[metric], "", command)

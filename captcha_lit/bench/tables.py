@@ -92,21 +92,15 @@ def _training_lines(key: str, summary: dict, target: str) -> list[str]:
     return lines
 
 
-def _finetune_lines(finetune: dict) -> list[str]:
-    pretrain = finetune["pretrain"]
-    if "error" in pretrain:
-        return [f"| fine-tuning study | pre-training | FAILED: {pretrain['error']} | |"]
-    zero_shot = finetune.get("zero_shot") or {}
-    zero_shot_acc = (_shown(zero_shot.get("test_seq_acc")) if "error" not in zero_shot
-                     else "FAILED: " + zero_shot["error"])
-    lines = [f"| fine-tuning study (captcha_images_v2, fixed 208-image test split) | synthetic pre-training: "
-             f"synthetic test acc / wall | {_shown(pretrain['test_seq_acc'])} / {pretrain['wall_s']} s | |",
-             f"| | pre-trained model on the real test split, no real labels | {zero_shot_acc} | |"]
-    for row in finetune["rows"]:
-        for kind, how in (("scratch", "from scratch"), ("pretrained", "fine-tuned from synthetic")):
-            run = row[kind]
-            value = f"FAILED: {run['error']}" if "error" in run else f"{_shown(run['test_seq_acc'])} ({run['wall_s']} s)"
-            lines.append(f"| | {row['labels']} real labels, {how} | {value} | |")
+def _labels_lines(result: dict) -> list[str]:
+    if "error" in result:
+        return [f"| few labels | | FAILED: {result['error']} | |"]
+    lines = [f"| few labels of {result['dataset']} (folder recipe, median of {result['repeats']}) | pre-training "
+             f"on the scheme, once per seed | {result['median_pretrain_s']} s | |"]
+    for name, setup in result.items():
+        if isinstance(setup, dict) and "runs" in setup:
+            lines.append(f"| | {name.replace('_', ' ')} | test seq acc {_shown(setup['median_test_seq_acc'])}, "
+                         f"{setup['median_wall_s']} s | |")
     return lines
 
 
@@ -145,8 +139,8 @@ def run_table(results: dict) -> str:
     for key, recipe in TRAINING.items():
         if key in results:
             lines += _training_lines(key, results[key], recipe.target)
-    if "finetune" in results:
-        lines += _finetune_lines(results["finetune"])
+    if "labels" in results:
+        lines += _labels_lines(results["labels"])
     if "parity" in results:
         lines += _parity_lines(results["parity"])
     return "\n".join(lines) + "\n"
@@ -166,10 +160,14 @@ def _training_figure(values: dict) -> str:
     return figure + (f", peak RSS {values['peak_rss_gb']} GB" if "peak_rss_gb" in values else "")
 
 
-def _finetune_figure(benchmark: str, values: dict) -> str:
-    labels = benchmark.rsplit("_", 1)[1]
-    return (f"{labels} real labels: test seq acc {values['test_seq_acc']} fine-tuned "
-            f"({values['test_seq_acc_scratch']} from scratch), {values['wall_time_s']} s")
+def _labels_figure(benchmark: str, values: dict) -> str:
+    labels = benchmark.split("_")[-2 if benchmark.endswith("_unlabeled") else -1]
+    if benchmark.endswith("_unlabeled"):
+        return (f"{labels} labels and the rest of the training split unlabeled: test seq acc {values['test_seq_acc']} "
+                f"({values['test_seq_acc_labels_only']} with the labels alone), {values['wall_time_s']} s")
+    return (f"{labels} labels: test seq acc {values['test_seq_acc']} pre-trained ({values['test_seq_acc_scratch']} "
+            f"from scratch), ECE {values['test_ece']}, {values['wall_time_s']} s (+{values['pretrain_s']} s "
+            "pre-training, once per scheme)")
 
 
 def _throughput_figure(values: dict) -> str:
@@ -230,8 +228,8 @@ def _main_figures(benchmark: str, values: dict) -> str:
     try:
         if benchmark.startswith("train_"):
             return _training_figure(values)
-        if benchmark.startswith("finetune_"):
-            return _finetune_figure(benchmark, values)
+        if benchmark.startswith("labels_"):
+            return _labels_figure(benchmark, values)
         if benchmark in _FIGURES:
             return _FIGURES[benchmark](values)
     except KeyError:  # a run that measured only some metrics: list what it has

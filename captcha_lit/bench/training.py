@@ -49,9 +49,12 @@ def train_command(overrides: list[str]) -> str:
     return " ".join(["python -m captcha_lit.train", *map(shlex.quote, kept)])  # ${...} stays literal in a shell
 
 
-def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool) -> dict:
+def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool, cache_dir: Path | None = None) -> dict:
+    """One training run in a subprocess; ``fresh_cache``: in a new data cache of its own, removed
+    afterwards; else in ``cache_dir`` (or the configured cache)."""
     run_dir = out_dir / name
-    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_cache_")) if fresh_cache else None
+    owned = fresh_cache
+    cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_cache_")) if fresh_cache else cache_dir
     cmd = [sys.executable, "-m", "captcha_lit.train", *overrides, f"hydra.run.dir={run_dir}",
            "trainer.enable_progress_bar=false"]
     if cache_dir is not None:
@@ -74,7 +77,7 @@ def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool
         done.set()
         sampler.join()
     wall = time.time() - start
-    if cache_dir is not None:
+    if owned:
         shutil.rmtree(cache_dir, ignore_errors=True)
     if code != 0:
         return {"name": name, "error": f"exit code {code}; see {out_dir / f'{name}.log'}"}
@@ -87,7 +90,8 @@ def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool
     return {"name": name, "test_seq_acc": metrics.get("test/seq_acc"), "test_char_acc": metrics.get("test/char_acc"),
             "best_ckpt": metrics.get("best_ckpt"), "wall_s": round(wall, 1), "peak_rss_gb": round(peak_rss / 2**30, 2),
             "train_img_s": metrics.get("train_images_per_s"), "val_seq_acc_at_5min": val_seq_acc_at(5),
-            "val_seq_acc_at_10min": val_seq_acc_at(10), "val_seq_acc_at_15min": val_seq_acc_at(15)}
+            "val_seq_acc_at_10min": val_seq_acc_at(10), "val_seq_acc_at_15min": val_seq_acc_at(15),
+            "test_ece": metrics.get("test/ece"), "pretrain": (metrics.get("recipe") or {}).get("pretrain")}
 
 
 TRAINING_FIGURES = ("test_seq_acc", "test_char_acc", "wall_s", "peak_rss_gb", "train_img_s", "val_seq_acc_at_5min",
@@ -125,22 +129,81 @@ def _eval_run(name: str, overrides: list[str], out_dir: Path) -> dict:
     return {"name": name, "test_seq_acc": json.loads((run_dir / "metrics.json").read_text()).get("test/seq_acc")}
 
 
-def bench_finetune(out_dir: Path, limits: tuple[int, ...] = (100, 200)) -> dict:
-    """Does synthetic pre-training help on a real set with few labels? captcha_images_v2 with
-    only ``limits`` training labels (the same fixed val and test splits), trained from scratch
-    and fine-tuned from a model pre-trained on generated CAPTCHAs of the same charset."""
-    pretrain = _train_run("finetune_pretrain", ["experiment=captcha_images_v2_pretrain"], out_dir, fresh_cache=True)
-    # Every run here trains with its recipe's own seed.
-    result: dict = {"pretrain": pretrain, "rows": [], "seed": shipped_seed(["experiment=captcha_images_v2"])}
-    if "error" in pretrain:
-        return result
-    ckpt = pretrain["best_ckpt"]
-    result["zero_shot"] = _eval_run("finetune_zero_shot", [f"ckpt_path={ckpt}", "data=captcha_images_v2"], out_dir)
-    for labels in limits:
-        limited = ["experiment=captcha_images_v2", f"data.train_limit={labels}"]
-        scratch = _train_run(f"finetune_scratch_{labels}", limited, out_dir, fresh_cache=False)
-        tuned = _train_run(f"finetune_init_{labels}", [*limited, f"init_from={ckpt}"], out_dir, fresh_cache=False)
-        result["rows"].append({"labels": labels, "scratch": scratch, "pretrained": tuned})
+# Few labels of captcha_images_v2 (data.train_limit) with the folder recipe as shipped (pretrain=auto),
+# against pretrain=none; and self-training from SELF_TRAINING_LABELS with the rest as unlabeled images.
+LABEL_COUNTS = (100, 50)
+SELF_TRAINING_LABELS = 25
+LABELS_DATASET = "captcha_images_v2"
+
+
+def unlabeled_rest(root: Path, labels: int, into: Path) -> Path:
+    """Copy the training split's images beyond its first ``labels`` (those ``data.train_limit``
+    keeps) into ``into``, named by a hash of their path: unlabeled images of the same scheme,
+    none from the validation or test split."""
+    import hashlib
+
+    from captcha_lit.data.folder import FolderDataModule
+
+    limited = FolderDataModule(path=str(root), train_limit=labels, cache_dir=str(into / ".cache"))
+    full = FolderDataModule(path=str(root), cache_dir=str(into / ".cache"))
+    limited.resolve(), full.resolve()
+    kept = set(limited.files["train"])
+    folder = into / "unlabeled"
+    folder.mkdir(parents=True, exist_ok=True)
+    for relpath in full.files["train"]:
+        if relpath not in kept:
+            name = hashlib.sha256(relpath.encode()).hexdigest()[:16] + Path(relpath).suffix
+            shutil.copyfile(root / relpath, folder / name)
+    shutil.rmtree(into / ".cache", ignore_errors=True)
+    return folder
+
+
+def _pretrain_seconds(cache_dir: Path) -> float | None:
+    metas = sorted(cache_dir.glob("pretrained-*/meta.json"))
+    return json.loads(metas[0].read_text()).get("wall_time_s") if metas else None
+
+
+def bench_labels(repeats: int, out_dir: Path) -> dict:
+    """Each seed starts from a fresh data cache: its first run pre-trains on the scheme (timed
+    apart, as ``pretrain_s``) and the later runs of the seed reuse that model, as a researcher's
+    next runs on the same scheme do."""
+    from captcha_lit.data.files import datasets_dir
+
+    root = datasets_dir() / LABELS_DATASET
+    if not root.is_dir():
+        return {"error": f"{root} does not exist; set CAPTCHA_LIT_DATASETS"}
+    folder = ["data=folder", f"data.path={root}"]
+    work = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_labels_"))
+    unlabeled = unlabeled_rest(root, SELF_TRAINING_LABELS, work)
+    setups = {}
+    for labels in LABEL_COUNTS:
+        setups[f"{labels}"] = [f"data.train_limit={labels}"]
+        setups[f"{labels}_scratch"] = [f"data.train_limit={labels}", "pretrain=none"]
+    setups[f"{SELF_TRAINING_LABELS}_unlabeled"] = [f"data.train_limit={SELF_TRAINING_LABELS}",
+                                                   f"data.unlabeled_path={unlabeled}"]
+    setups[f"{SELF_TRAINING_LABELS}"] = [f"data.train_limit={SELF_TRAINING_LABELS}"]
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    pretrain_s = []
+    first_seed = shipped_seed(folder)
+    try:
+        for repeat in range(repeats):
+            seed = first_seed + repeat
+            cache_dir = work / f"cache_{seed}"
+            for name, overrides in setups.items():
+                run_overrides = folder + overrides + [f"seed={seed}"]
+                run = _train_run(f"labels_{name}_seed{seed}", run_overrides, out_dir, fresh_cache=False,
+                                 cache_dir=cache_dir)
+                runs[name].append({**run, "seed": seed, "command": train_command(run_overrides)})
+            pretrain_s.append(_pretrain_seconds(cache_dir))
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result: dict = {"dataset": LABELS_DATASET, "repeats": repeats, "median_pretrain_s": median(pretrain_s),
+                    "pretrain_s": pretrain_s}
+    for name, setup_runs in runs.items():
+        ok = [run for run in setup_runs if "error" not in run]
+        result[name] = {"runs": setup_runs, **{f"median_{key}": median([run.get(key) for run in ok])
+                                               for key in ("test_seq_acc", "wall_s", "test_ece")}}
     return result
 
 

@@ -77,9 +77,11 @@ throughput,train_img_s_fp32,895,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",
 throughput,infer_img_s,2384,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
 throughput,cnn_train_img_s_fp32,863,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
 throughput,cnn_infer_img_s,1986,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
-finetune_captcha_images_v2_100,test_seq_acc,0.966,42,2026-11-25,ccccccc,2 CPU cores,python -m captcha_lit.bench --only finetune
-finetune_captcha_images_v2_100,test_seq_acc_scratch,0.000,42,2026-11-25,ccccccc,2 CPU cores,python -m captcha_lit.bench --only finetune
-finetune_captcha_images_v2_100,wall_time_s,44,42,2026-11-25,ccccccc,2 CPU cores,python -m captcha_lit.bench --only finetune
+labels_captcha_images_v2_100,test_seq_acc,0.981,42 43 44,2026-12-05,ccccccc,2 CPU cores,python -m captcha_lit.bench --only labels
+labels_captcha_images_v2_100,test_seq_acc_scratch,0.962,42 43 44,2026-12-05,ccccccc,2 CPU cores,python -m captcha_lit.bench --only labels
+labels_captcha_images_v2_100,test_ece,0.012,42 43 44,2026-12-05,ccccccc,2 CPU cores,python -m captcha_lit.bench --only labels
+labels_captcha_images_v2_100,wall_time_s,120,42 43 44,2026-12-05,ccccccc,2 CPU cores,python -m captcha_lit.bench --only labels
+labels_captcha_images_v2_100,pretrain_s,95,,2026-12-05,ccccccc,2 CPU cores,python -m captcha_lit.bench --only labels
 """
 
 
@@ -94,8 +96,9 @@ def test_table_prints_one_line_per_benchmark_from_the_median_rows(tmp_path, caps
         "`python -m captcha_lit.bench --only train_default --train-repeats 2` |",
         "| `throughput` | default: train 1445 img/s bf16, 895 fp32, inference 2384 img/s; cnn: 863, 1986 | "
         "2026-12-04 | `python -m captcha_lit.bench --only throughput --repeats 1` |",
-        "| `finetune_captcha_images_v2_100` | 100 real labels: test seq acc 0.966 fine-tuned (0.000 from scratch), "
-        "44 s | 2026-11-25 | `python -m captcha_lit.bench --only finetune` |"]
+        "| `labels_captcha_images_v2_100` | 100 labels: test seq acc 0.981 pre-trained (0.962 from scratch), "
+        "ECE 0.012, 120 s (+95 s pre-training, once per scheme) | 2026-12-05 | "
+        "`python -m captcha_lit.bench --only labels` |"]
 
 
 @pytest.mark.parametrize("content, message", [
