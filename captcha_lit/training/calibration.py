@@ -22,7 +22,7 @@ from captcha_lit.decoding import decode
 log = logging.getLogger(__name__)
 
 # Candidate temperatures, log-spaced: below 1 sharpens an underconfident model, above 1 softens.
-TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 73))
+TEMPERATURES = np.exp(np.linspace(np.log(0.5), np.log(16.0), 61))
 
 
 def log_loss(confidences: np.ndarray, right: np.ndarray) -> float:
@@ -43,6 +43,12 @@ def fit_temperature(spec, logits: np.ndarray, truths: list[str]) -> tuple[float,
               for t in TEMPERATURES]
     best = int(np.argmin(losses))
     before = log_loss(np.asarray(decoded.seq_conf), right)
+    if right.all() or not right.any():
+        # All right (or all wrong): the log loss only falls as the temperature goes to an end of the
+        # range, which says nothing about how often a confident reading is wrong. Keep the softmax.
+        return 1.0, {"temperature": 1.0, "val_log_loss_before": round(before, 5), "val_log_loss_after": round(before, 5),
+                     "val_images": len(truths), "val_right": int(right.sum()),
+                     "note": "every validation reading is right (or every one wrong): nothing to fit"}
     temperature = round(float(TEMPERATURES[best]), 4)
     report = {"temperature": temperature, "val_log_loss_before": round(before, 5),
               "val_log_loss_after": round(losses[best], 5), "val_images": len(truths),

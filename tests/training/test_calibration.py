@@ -90,3 +90,10 @@ def test_training_calibrates_the_best_checkpoint(make_cfg):
                                             "trainer.max_epochs=1", "calibrate=false"]))
     assert uncalibrated["calibration"] is None
     assert uncalibrated["test/seq_acc"] == metrics["test/seq_acc"]  # the same readings, other confidences
+
+
+def test_a_validation_split_read_all_right_keeps_the_softmax():
+    logits, truths = _overconfident()
+    readings = ["".join("ABCD"[k] for k in indices) for indices in decode(SPEC, logits).indices]
+    temperature, report = fit_temperature(SPEC, logits, readings)  # every reading "right"
+    assert temperature == 1.0 and "nothing to fit" in report["note"]

@@ -32,7 +32,7 @@ def test_auto_pretrains_on_the_scheme_once_and_the_next_run_reuses_it(tmp_path, 
     choice = first["recipe"]["pretrain"]
     checkpoint = Path(choice["value"])
     assert checkpoint.is_file() and checkpoint.parent.parent == cache_dir
-    assert "33 training labels < pretraining.max_labels=1000" in choice["reason"]
+    assert "33 training labels < pretraining.max_labels=500" in choice["reason"]
     meta = json.loads((checkpoint.parent / "meta.json").read_text())
     scheme = meta["fields"]["scheme"]
     # The generated CAPTCHAs match the folder: its charset and lengths, its 120x40 canvas, its input and colors.
