@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from captcha_lit import __version__
 from captcha_lit.training.checkpoints import checkpoint_data_config, load_module
+from captcha_lit.deploy.folding import fold_pool_first
 from captcha_lit.deploy.quantize import compare_texts, int8_path, quantize_int8
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.training.inference import read_images
@@ -37,8 +38,17 @@ class ParityError(ValueError):
 
 
 def _to_onnx(module, path: Path, opset: int) -> None:
+    import copy
+
     import onnx
 
+    # The graph computes the checkpoint's function with foldable stages fused (the parity check
+    # compares it with the module as trained).
+    exported = copy.deepcopy(module).eval()
+    exported.net, folded = fold_pool_first(module.net)
+    if folded:
+        log.info("folded %d batch norm(s) into the convolution before their max-pool", folded)
+    module = exported
     height, width = module.spec.input_size
     # Batch 2, not 1, so that no batch-sized dimension is mistaken for a constant.
     sample = torch.zeros(2, module.spec.channels, int(height), int(width))
