@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, to_plain
 from captcha_lit.training.budget import settle_training_length
 from captcha_lit.training.checkpoints import check_resume_checkpoint, init_from_checkpoint
-from captcha_lit.training.pretrain import pretrain_mode, pretrained_checkpoint
+from captcha_lit.training.pretrain import finetune_lr, pretrain_mode, pretrained_checkpoint
 from captcha_lit.training.calibration import calibrate_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
@@ -96,6 +96,11 @@ def train(cfg: DictConfig) -> dict:
         log.info("pretrain=%s -> %s: %s", cfg.get("pretrain"), choice.value, choice.reason)
         if pretrained is not None:
             init_from_checkpoint(model, pretrained)
+            lr = finetune_lr(cfg)
+            if lr is not None:
+                model.hparams.optimizer["lr"] = lr.value
+                recipe["optimizer.lr"] = lr.to_dict()
+                log.info("optimizer.lr -> %s: %s", lr.value, lr.reason)
             # A run that built the pre-trained model and one that found it cached continue alike.
             if cfg.get("seed") is not None:
                 L.seed_everything(int(cfg.seed), workers=True)

@@ -249,7 +249,7 @@ CLI_CASES = {
     "length": (["captcha_lit.train", "data.length=0"], ["length", "at least 1"]),
     "input_size": (["captcha_lit.train", "data.input_size=[8,8]"], ["[8, 8]", "too small"]),
     "model_option": (["captcha_lit.train", "+model.downsample=stride"],
-                     ["model 'crnn' has no option(s) downsample", "its options are: channels, dim, rnn"]),
+                     ["model 'crnn_lite' has no option(s) downsample", "its options are: channels, dim, rnn"]),
     "eval_ckpt": (["captcha_lit.eval", "ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
 }
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captcha_lit.bench.common import ROOT
-from captcha_lit.bench.training import TRAINING
+from captcha_lit.bench.training import TRAINING, VAL_MINUTES
 from captcha_lit.utils import machine_description
 
 COLUMNS = ("benchmark", "metric", "value", "seeds", "date", "commit", "machine", "command")
@@ -95,8 +95,7 @@ class _RowCollector:
 
 TRAINING_METRICS = {"test_seq_acc": "test_seq_acc", "test_char_acc": "test_char_acc", "wall_time_s": "wall_s",
                     "peak_rss_gb": "peak_rss_gb", "train_img_s": "train_img_s",
-                    "val_seq_acc_at_5min": "val_seq_acc_at_5min", "val_seq_acc_at_10min": "val_seq_acc_at_10min",
-                    "val_seq_acc_at_15min": "val_seq_acc_at_15min"}
+                    **{f"val_seq_acc_at_{minutes}min": f"val_seq_acc_at_{minutes}min" for minutes in VAL_MINUTES}}
 
 
 def _throughput_rows(rows: _RowCollector, result: dict, command: str) -> None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from captcha_lit.bench.training import TRAINING
+from captcha_lit.bench.training import TRAINING, VAL_MINUTES
 
 
 def _shown(value, digits: int = 4) -> str:
@@ -85,8 +85,8 @@ def _training_lines(key: str, summary: dict, target: str) -> list[str]:
              f"{_shown(summary['median_test_seq_acc'])}{spread} | {target} |",
              f"| | wall time (incl. data generation) | {summary['median_wall_s']} s | |",
              f"| | peak RSS (process tree) | {summary['median_peak_rss_gb']} GB | |",
-             f"| | val seq acc at 5 / 10 / 15 min | {_shown(summary['median_val_seq_acc_at_5min'])} / "
-             f"{_shown(summary['median_val_seq_acc_at_10min'])} / {_shown(summary['median_val_seq_acc_at_15min'])} | |",
+             f"| | val seq acc at {' / '.join(map(str, VAL_MINUTES))} min | "
+             f"{' / '.join(_shown(summary.get(f'median_val_seq_acc_at_{m}min')) for m in VAL_MINUTES)} | |",
              f"| | train throughput | {summary['median_train_img_s']} img/s | |"]
     lines += [f"| | {run['name']} | FAILED: {run['error']} | |" for run in summary["runs"] if "error" in run]
     return lines

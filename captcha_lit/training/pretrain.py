@@ -82,6 +82,7 @@ def pretraining_config(cfg: DictConfig, scheme: dict, fonts: list[str], out_dir:
             "batch_size": int(plan.batch_size), "eval_batch_size": data.get("eval_batch_size", 256),
             "num_workers": 0, "mean": data.get("mean", 0.5), "std": data.get("std", 0.5),
         }
+        pre.optimizer.lr = float(plan.lr)
         pre.trainer.max_epochs = int(plan.epochs)
         pre.trainer.max_steps = -1
         pre.trainer.min_steps = None
@@ -107,9 +108,11 @@ def _cache_fields(cfg: DictConfig, scheme: dict, fonts: list[str]) -> dict:
     return {
         "version": PRETRAIN_VERSION, "scheme": {**scheme, "canvas": list(scheme["canvas"]),
                                                 "input_size": list(scheme["input_size"])},
-        "fonts": [_font_identity(f) for f in fonts], "model": plain(cfg.model), "optimizer": plain(cfg.optimizer),
+        "fonts": [_font_identity(f) for f in fonts], "model": plain(cfg.model),
+        # The pre-training run's own learning rate: fine-tuning at another one reuses the model.
+        "optimizer": {**plain(cfg.optimizer), "lr": float(cfg.pretraining.lr)},
         "scheduler": plain(cfg.scheduler), "augmentation": plain(cfg.get("augmentation")),
-        "pretraining": {k: v for k, v in plain(cfg.pretraining).items() if k != "max_labels"},
+        "pretraining": {k: v for k, v in plain(cfg.pretraining).items() if k not in ("max_labels", "finetune_lr")},
         "ema": plain((cfg.get("callbacks") or {}).get("ema")), "seed": cfg.get("seed"),
         "precision": str(cfg.trainer.get("precision")),
     }
@@ -156,6 +159,17 @@ def pretrained_checkpoint(cfg: DictConfig, datamodule) -> tuple[str | None, Choi
         if not checkpoint.is_file():
             _build(cfg, scheme, fonts, fields, folder)
     return str(checkpoint), Choice(str(checkpoint), reason)
+
+
+def finetune_lr(cfg: DictConfig) -> Choice | None:
+    """The learning rate that fine-tunes a pre-trained model (None: keep optimizer.lr)."""
+    lr = (cfg.get("pretraining") or {}).get("finetune_lr")
+    if lr is None:
+        return None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"pretraining.finetune_lr={lr!r}: a positive learning rate, or null to keep optimizer.lr")
+    return Choice(float(lr), f"pretraining.finetune_lr: a pre-trained model is fine-tuned gently (optimizer.lr is "
+                             f"{cfg.optimizer.lr})")
 
 
 def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder: Path) -> None:

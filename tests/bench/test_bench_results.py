@@ -18,8 +18,8 @@ def _fake_training(accuracies: dict[int, float]):
     def fake_run(name, overrides, out_dir, fresh_cache):
         seed = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 42)
         return {"name": name, "test_seq_acc": accuracies[seed], "test_char_acc": 0.99, "wall_s": 100.0 + seed,
-                "peak_rss_gb": 1.5, "train_img_s": 800.0, "val_seq_acc_at_5min": 0.9, "val_seq_acc_at_10min": None,
-                "val_seq_acc_at_15min": None, "best_ckpt": None}
+                "peak_rss_gb": 1.5, "train_img_s": 800.0, "val_seq_acc_at_2min": 0.8, "val_seq_acc_at_4min": 0.85,
+                "val_seq_acc_at_6min": 0.88, "val_seq_acc_at_10min": None, "val_seq_acc_at_15min": None, "best_ckpt": None}
     return fake_run
 
 
@@ -45,7 +45,8 @@ def test_a_training_benchmark_appends_a_row_per_metric_and_seed_and_the_median(m
     medians = {row["metric"]: row["value"] for row in rows if row["seeds"] == "42 43 44"}
     # val_seq_acc_at_10min/15min were never reached: no row rather than an empty value
     assert medians == {"test_seq_acc": "0.97", "test_char_acc": "0.99", "wall_time_s": "143", "peak_rss_gb": "1.5",
-                       "train_img_s": "800", "val_seq_acc_at_5min": "0.9"}
+                       "train_img_s": "800", "val_seq_acc_at_2min": "0.8", "val_seq_acc_at_4min": "0.85",
+                       "val_seq_acc_at_6min": "0.88"}
     expected_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=cli.ROOT).stdout.strip()
     for row in rows:
@@ -57,7 +58,7 @@ def test_a_training_benchmark_appends_a_row_per_metric_and_seed_and_the_median(m
     monkeypatch.setattr(training, "_train_run", _fake_training({42: 0.95}))
     cli.main(["--only", "train_v2", "--train-repeats", "1", "--out", str(tmp_path)])
     lines = _read(tmp_path / "results.csv")
-    assert lines.count(list(COLUMNS)) == 1 and len(lines) == 1 + len(rows) + 2 * 6
+    assert lines.count(list(COLUMNS)) == 1 and len(lines) == 1 + len(rows) + 2 * 8  # a row and a median for each of the 8 metrics it has
     capsys.readouterr()
     cli.main(["--table", str(tmp_path / "results.csv")])
     table = capsys.readouterr().out.splitlines()

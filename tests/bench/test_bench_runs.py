@@ -21,8 +21,8 @@ def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
         seed = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 42)
         accuracy = {42: 0.97, 43: 0.96, 44: 0.98}[seed]
         return {"name": name, "test_seq_acc": accuracy, "wall_s": 600.0 + seed, "peak_rss_gb": 2.5,
-                "train_img_s": 500.0, "val_seq_acc_at_5min": 0.8, "val_seq_acc_at_10min": 0.95,
-                "val_seq_acc_at_15min": None}
+                "train_img_s": 500.0, "val_seq_acc_at_2min": 0.5, "val_seq_acc_at_4min": 0.7,
+                "val_seq_acc_at_6min": 0.8, "val_seq_acc_at_10min": 0.95, "val_seq_acc_at_15min": None}
 
     monkeypatch.setattr(training, "_train_run", fake_run)
     summary = training.bench_training("default", ["model=crnn"], 3, tmp_path)
@@ -37,7 +37,7 @@ def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
     assert summary["median_wall_s"] == 643.0 and summary["median_val_seq_acc_at_15min"] is None
     table = run_table({"train_default": summary})
     assert "median of 3) | test seq acc | 0.9700 (seeds 42, 43, 44: 0.9600 to 0.9800)" in table
-    assert "val seq acc at 5 / 10 / 15 min | 0.8000 / 0.9500 / n/a" in table
+    assert "val seq acc at 2 / 4 / 6 / 10 / 15 min | 0.5000 / 0.7000 / 0.8000 / 0.9500 / n/a" in table
 
 
 def test_a_failed_training_run_is_reported_not_counted(monkeypatch, tmp_path):

@@ -109,8 +109,9 @@ def test_a_grid_axis_must_be_a_train_key(tmp_path):
     cfg = _audit_cfg(tmp_path, ["+audit.grid.nonsense=[1,2]"])
     with pytest.raises(ValueError, match="audit.grid has the axis 'nonsense', which is not a key of the train config"):
         grid_axes(cfg)
+    # The default grid crosses pre-training on and off; more axes add to it.
     assert grid_axes(_audit_cfg(tmp_path, ["+audit.grid.seed=[1,2]", "+audit.grid.model.dim=32"])) == [
-        ("seed", [1, 2]), ("model.dim", [32])]
+        ("pretrain", ["none", "auto"]), ("seed", [1, 2]), ("model.dim", [32])]
 
 
 def test_bad_input_stops_the_audit_before_any_training(tmp_path):
@@ -131,7 +132,8 @@ def test_bad_input_stops_the_audit_before_any_training(tmp_path):
 # ---- end to end, in subprocesses ----------------------------------------------------------------
 def _audit_command(out: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [PYTHON, "-m", "captcha_lit.audit", f"data.path={TINY_FOLDER}", "audit.labels=[10,all]",
-            "+audit.grid.seed=[42]", f"data.cache_dir={cache_dir}", *TINY_RUN, f"hydra.run.dir={out}", *extra]
+            "~audit.grid.pretrain", "pretrain=none", "+audit.grid.seed=[42]",
+            f"data.cache_dir={cache_dir}", *TINY_RUN, f"hydra.run.dir={out}", *extra]
 
 
 def _picture(path: Path) -> None:

@@ -202,7 +202,9 @@ def test_a_time_limit_shorter_than_an_epoch_is_an_error(slurm, tmp_path, cache_d
     sweep = tmp_path / "short"
     proc = _start([f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
                    "data.num_train=640", *SMALL], slurm, cache_dir)
-    _wait_for(lambda: (sweep / "0").is_dir(), 120, "the job to start training", proc)
+    log = sweep / "0" / "train.log"
+    # Its log says "training <model> on ..." once the trainer exists, after the (slow) imports.
+    _wait_for(lambda: log.is_file() and "] - training " in log.read_text(), 120, "the job to start training", proc)
     subprocess.run(["scancel", "--signal=USR2", _slurm_id(sweep, 0)], env=slurm.env, check=True, timeout=30)
     code, out, err = _finish(proc)
     line = _error_line(code, err)
