@@ -155,10 +155,16 @@ def pretrained_checkpoint(cfg: DictConfig, datamodule) -> tuple[str | None, Choi
     checkpoint = folder / "model.ckpt"
     if checkpoint.is_file():
         return str(checkpoint), Choice(str(checkpoint), reason + " (cached)")
-    with cache.file_lock(root / f".pretrained-{folder.name}.lock"):
+    with cache.file_lock(build_lock(folder)):
         if not checkpoint.is_file():
             _build(cfg, scheme, fonts, fields, folder)
     return str(checkpoint), Choice(str(checkpoint), reason)
+
+
+def build_lock(folder: Path) -> Path:
+    """The lock held while ``folder`` is built: the one ``cache.remove_dead_builds`` tries, so that
+    a live build's temporary folder is never taken for a dead one."""
+    return folder.with_name(f".{folder.name}.lock")
 
 
 def finetune_lr(cfg: DictConfig) -> Choice | None:

@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO_ROOT / "docs" / "studies"))
 from label_loop import main  # noqa: E402
 
 TINY_TRAINING = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "data.input_size=[32,96]",
-                 "data.batch_size=4", "data.train_samples_per_epoch=null", "trainer.max_epochs=1", "logger=csv",
-                 "callbacks=none", *QUIET_TRAINER]
+                 "data.batch_size=4", "data.train_samples_per_epoch=null", "trainer.max_epochs=1", "trainer.max_steps=-1",
+                 "trainer.min_steps=null", "pretrain=none", "logger=csv", "callbacks=none", *QUIET_TRAINER]
 
 
 @pytest.mark.slow

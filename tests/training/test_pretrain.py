@@ -4,13 +4,15 @@ cached by that scheme, then fine-tunes; pretrain=none and pretrain=PATH; the rea
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from captcha_lit.train import train
-from captcha_lit.training.pretrain import scheme_font_sizes, scheme_fonts
+from captcha_lit.data import cache
+from captcha_lit.training.pretrain import build_lock, scheme_font_sizes, scheme_fonts
 from conftest import FIXTURES, QUIET_TRAINER, _compose
 
 TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 labeled 120x40 RGB CAPTCHAs, 4-6 characters
@@ -87,3 +89,13 @@ def test_fonts_that_cannot_draw_the_charset_are_left_out():
 def test_pretrain_path_and_init_from_are_exclusive(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="both name a checkpoint"):
         _run(tmp_path, cache_dir, "both", "pretrain=some.ckpt", "init_from=other.ckpt")
+
+
+def test_a_live_pretraining_build_is_not_removed_as_dead(tmp_path):
+    folder = tmp_path / "pretrained-0123456789abcdef"
+    building = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    building.mkdir()
+    with cache.file_lock(build_lock(folder)):  # as pretrained_checkpoint holds it around the build
+        assert cache.remove_dead_builds(tmp_path, held="train-fedcba9876543210") == []
+    assert building.is_dir()
+    assert cache.remove_dead_builds(tmp_path, held="train-fedcba9876543210") == [building]  # its builder is gone
