@@ -33,12 +33,12 @@ from captcha_lit.bench.data import bench_cache_load, bench_generation, bench_str
 from captcha_lit.bench.hostile_load import bench_hostile_load
 from captcha_lit.bench.results import (ResultsFileError, append_rows, check_columns, current_figures,
                                        current_provenance, read_rows, result_rows)
-from captcha_lit.bench.speed import bench_onnx, bench_parity, bench_throughput, newest_checkpoint
+from captcha_lit.bench.speed import bench_int8, bench_onnx, bench_parity, bench_throughput, newest_checkpoint
 from captcha_lit.bench.tables import current_results_table, run_table
 from captcha_lit.bench.training import TRAINING, bench_ddp, bench_labels, bench_training
 
 ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", "hostile_load", *TRAINING, "ddp", "stream", "labels",
-                  "parity")
+                  "parity", "int8")
 DEFAULT_RESULTS_CSV = ROOT / "docs" / "results.csv"
 
 # The flags each benchmark reads: its rows' command repeats them, and only them.
@@ -46,7 +46,8 @@ _FLAGS = {"gen": ("repeats", "gen_images"), "load": ("repeats", "load_images"), 
           "onnx": ("repeats", "http_seconds", "http_clients"), "hostile_load": ("http_seconds", "http_clients"),
           **{key: ("train_repeats",) for key in TRAINING},
           "ddp": ("train_repeats", "ddp_samples", "ddp_epochs"),
-          "stream": ("repeats", "stream_batches", "stream_workers"), "labels": ("train_repeats",), "parity": ("ckpt",)}
+          "stream": ("repeats", "stream_batches", "stream_workers"), "labels": ("train_repeats",), "parity": ("ckpt",),
+          "int8": ("ckpt", "repeats")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,10 +106,12 @@ def _run_benchmark(key: str, args: argparse.Namespace, out_dir: Path, results: d
         return bench_stream(args.repeats, args.stream_batches, args.stream_workers)
     if key == "labels":
         return bench_labels(args.train_repeats, out_dir)
-    if key == "parity":
+    if key in ("parity", "int8"):
         ckpt = args.ckpt
         if ckpt is None and "train_default" in results:
             ckpt = next((run["best_ckpt"] for run in results["train_default"]["runs"] if run.get("best_ckpt")), None)
+        if key == "int8":
+            return bench_int8(ckpt or newest_checkpoint(), out_dir, args.repeats)
         return bench_parity(ckpt or newest_checkpoint(), out_dir)
     raise ValueError(f"unknown benchmark {key!r}; choose from {', '.join(ALL_BENCHMARKS)}")
 

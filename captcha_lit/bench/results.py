@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captcha_lit.bench.common import ROOT
+from captcha_lit.bench.speed import INT8_FIGURES
 from captcha_lit.bench.training import TRAINING, VAL_MINUTES
 from captcha_lit.utils import machine_description
 
@@ -187,6 +188,9 @@ def result_rows(key: str, result: dict, command: str, provenance: Provenance) ->
     elif key == "parity" and "error" not in result:
         for metric in ("text_agreement", "text_mismatches", "max_abs_logit_diff", "torch_seq_acc", "onnx_seq_acc"):
             rows.add("parity", metric, result[metric], "", command)
+    elif key == "int8" and "error" not in result:
+        for metric in INT8_FIGURES:
+            rows.add("int8", metric, result[metric], "", command)
     return rows.rows
 
 

@@ -175,3 +175,42 @@ def bench_parity(ckpt: str | None, out_dir: Path) -> dict:
         return {"ckpt": ckpt, "error": f"export exited with code {code}; see {out_dir / 'parity.log'}"}
     report = json.loads(report_path.read_text())
     return {"ckpt": ckpt, "passed": report["passed"], **{key: report[key] for key in PARITY_FIGURES}}
+
+
+INT8_FIGURES = ("fp32_img_s", "int8_img_s", "speedup", "text_agreement", "text_mismatches", "fp32_seq_acc",
+                "int8_seq_acc")
+
+
+def bench_int8(ckpt: str | None, out_dir: Path, repeats: int, images: int = 2048) -> dict:
+    """``export quantize=int8`` of the checkpoint (its parity: texts against fp32 on the test split),
+    then both models' ONNX Runtime throughput at batch 256, interleaved, on the same images."""
+    from captcha_lit.deploy.runtime import Solver
+
+    if not ckpt:
+        return {"error": "no checkpoint: pass --ckpt PATH, run `make train` first, or add train_default to --only"}
+    run_dir = out_dir / "int8"
+    cmd = [sys.executable, "-m", "captcha_lit.export", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}",
+           "quantize=int8"]
+    with open(out_dir / "int8.log", "w") as log_file:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    reports = sorted(run_dir.glob("*.int8.parity.json"))
+    if not reports:
+        return {"ckpt": ckpt, "error": f"export exited with code {code}; see {out_dir / 'int8.log'}"}
+    report = json.loads(reports[0].read_text())
+    solvers = {"fp32": Solver(report["fp32_model"], batch_size=INFERENCE_BATCH),
+               "int8": Solver(report["model"], batch_size=INFERENCE_BATCH)}
+    height, width = solvers["fp32"].spec.input_size
+    batch = np.random.default_rng(0).integers(0, 256, (INFERENCE_BATCH, height, width, solvers["fp32"].spec.channels),
+                                              dtype=np.uint8)
+    rates: dict[str, list[float]] = {name: [] for name in solvers}
+    for name, solver in solvers.items():
+        solver.logits(batch)  # warm-up
+    for _ in range(max(1, repeats)):
+        for name, solver in solvers.items():  # interleaved, so machine load hits both alike
+            start = time.perf_counter()
+            for _ in range(max(1, images // INFERENCE_BATCH)):
+                solver.logits(batch)
+            rates[name].append(max(1, images // INFERENCE_BATCH) * INFERENCE_BATCH / (time.perf_counter() - start))
+    fp32, int8 = median(rates["fp32"]), median(rates["int8"])
+    return {"ckpt": ckpt, "passed": report["passed"], "fp32_img_s": round(fp32, 1), "int8_img_s": round(int8, 1),
+            "speedup": round(int8 / fp32, 3), **{key: report[key] for key in INT8_FIGURES[3:]}}

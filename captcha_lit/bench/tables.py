@@ -104,6 +104,15 @@ def _labels_lines(result: dict) -> list[str]:
     return lines
 
 
+def _int8_lines(int8: dict) -> list[str]:
+    if "error" in int8:
+        return [f"| int8 ONNX | | FAILED: {int8['error']} | |"]
+    return [f"| int8 ONNX at batch 256 | throughput int8 / fp32 | {int8['int8_img_s']} / {int8['fp32_img_s']} img/s "
+            f"({int8['speedup']}x) | >= 2x |",
+            f"| | texts agree with fp32 on the test split | {int8['text_agreement']:.2%} ({int8['text_mismatches']} "
+            f"differ) | >= 99.9% |"]
+
+
 def _parity_lines(parity: dict) -> list[str]:
     if "error" in parity:
         return [f"| ONNX parity | | FAILED: {parity['error']} | |"]
@@ -143,6 +152,8 @@ def run_table(results: dict) -> str:
         lines += _labels_lines(results["labels"])
     if "parity" in results:
         lines += _parity_lines(results["parity"])
+    if "int8" in results:
+        lines += _int8_lines(results["int8"])
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +230,12 @@ def _parity_figure(values: dict) -> str:
             f"largest logit difference {values['max_abs_logit_diff']}")
 
 
-_FIGURES = {"throughput": _throughput_figure, "onnx": _onnx_figure, "http": _http_figure, "ddp": _ddp_figure,
+def _int8_figure(values: dict) -> str:
+    return (f"int8 {values['int8_img_s']} img/s against fp32 {values['fp32_img_s']} ({values['speedup']}x) at batch "
+            f"256; texts agree {values['text_agreement']} ({values['text_mismatches']} differ)")
+
+
+_FIGURES = {"int8": _int8_figure, "throughput": _throughput_figure, "onnx": _onnx_figure, "http": _http_figure, "ddp": _ddp_figure,
             "stream": _stream_figure, "generation": _generation_figure, "cache_load": _cache_load_figure,
             "parity": _parity_figure}
 

@@ -1,0 +1,72 @@
+"""export quantize=int8: a statically quantized model beside the fp32 one, checked against its texts
+on the test split, refused below int8.min_text_agreement, and served like any other model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from captcha_lit.deploy.export import ParityError, export
+from captcha_lit.deploy.runtime import Solver
+from captcha_lit.training.checkpoints import load_module
+
+# Integer work in the graph: onnxruntime's QDQ format brackets the quantized operators with these.
+QUANTIZATION_OPS = {"QuantizeLinear", "DequantizeLinear"}
+SMALL_INT8 = ["quantize=int8", "int8.calibration_images=32"]
+
+
+def _export(make_cfg, tmp_path, ckpt, *overrides: str) -> dict:
+    return export(make_cfg("export", [f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}",
+                                      "parity.num_images=16", *SMALL_INT8, *overrides]))
+
+
+def test_int8_export_writes_a_quantized_model_that_serves_like_the_fp32_one(make_cfg, tiny_checkpoints, tmp_path):
+    # A one-epoch model reads almost nothing, so its int8 agreement is measured here, not required.
+    report = _export(make_cfg, tmp_path, tiny_checkpoints["crnn"], "int8.min_text_agreement=0")
+    int8 = report["int8"]
+    path = tmp_path / "model.int8.onnx"
+    assert int8["model"] == str(path.resolve()) and path.is_file()
+    graph = onnx.load(str(path)).graph
+    assert QUANTIZATION_OPS <= {node.op_type for node in graph.node}
+    assert not QUANTIZATION_OPS & {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+
+    _, state = load_module(tiny_checkpoints["crnn"])
+    assert int8["split"] == "test" and int8["num_images"] == state["datamodule_hyper_parameters"]["num_test"]
+    assert 0.0 <= int8["text_agreement"] <= 1.0
+    assert int8["text_mismatches"] == round((1 - int8["text_agreement"]) * int8["num_images"])
+    assert json.loads((tmp_path / "model.int8.parity.json").read_text())["passed"] is True
+
+    fp32, quantized = Solver(tmp_path / "model.onnx"), Solver(path)
+    assert quantized.spec == fp32.spec  # the metadata (charset, input, decoder, temperature) came along
+    height, width = fp32.spec.input_size
+    images = np.zeros((4, height, width, fp32.spec.channels), dtype=np.uint8)
+    for solution in quantized.solve_arrays(images):
+        assert set(solution.text) <= set(fp32.spec.charset) and 0.0 <= solution.confidence <= 1.0
+        assert len(solution.char_confidences) == len(solution.text)
+
+
+def test_an_int8_model_that_reads_otherwise_is_refused(make_cfg, tiny_checkpoints, tmp_path, monkeypatch):
+    real_logits = Solver.logits
+
+    def broken_int8(self, images):  # an int8 model whose readings differ from fp32's everywhere
+        logits = real_logits(self, images)
+        return -logits if self.path.name.endswith(".int8.onnx") else logits
+
+    monkeypatch.setattr(Solver, "logits", broken_int8)
+    with pytest.raises(ParityError, match=r"int8 model's texts agree with the fp32 model's on .* below "
+                                          r"int8.min_text_agreement=0.999") as info:
+        _export(make_cfg, tmp_path, tiny_checkpoints["crnn"])
+    assert "model.int8.failed.onnx" in str(info.value) and "serve" in str(info.value)
+    assert not (tmp_path / "model.int8.onnx").exists() and (tmp_path / "model.int8.failed.onnx").is_file()
+    assert (tmp_path / "model.onnx").is_file()  # the fp32 model stands
+    assert json.loads((tmp_path / "model.int8.parity.json").read_text())["passed"] is False
+
+
+def test_bad_quantize_settings_are_clear_errors(make_cfg, tiny_checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="quantize='int4': use int8"):
+        _export(make_cfg, tmp_path, tiny_checkpoints["crnn"], "quantize=int4")
+    with pytest.raises(ValueError, match=r"int8.min_text_agreement=1.5: use a fraction in \[0, 1\]"):
+        _export(make_cfg, tmp_path, tiny_checkpoints["crnn"], "int8.min_text_agreement=1.5")
