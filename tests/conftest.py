@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # committed test data
+TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 labeled 120x40 CAPTCHAs: 33 train, 5 val, 10 test
 
 
 
@@ -53,6 +54,10 @@ QUIET_TRAINER = [
     "trainer.enable_model_summary=false",
     "trainer.num_sanity_val_steps=0",
 ]
+# The audit's points on TINY_FOLDER: a small model on small inputs, 30 batches of 8 per epoch, 3 epochs.
+AUDIT_TINY_RUN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "data.input_size=[32,96]",
+                  "data.batch_size=8", "data.train_samples_per_epoch=240", "trainer.max_steps=90", "logger=csv",
+                  *QUIET_TRAINER]
 
 
 @pytest.fixture(scope="session")

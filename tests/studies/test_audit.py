@@ -21,13 +21,9 @@ from captcha_lit.studies.audit import audit
 from captcha_lit.studies.grid import Point, grid_axes, label_counts, train_command
 from captcha_lit.studies.results import PointResult, headline, summary_line
 from captcha_lit.viz import analysis
-from conftest import FIXTURES, PYTHON, QUIET_TRAINER, REPO_ROOT, _compose, cli_env
+from conftest import AUDIT_TINY_RUN, PYTHON, REPO_ROOT, TINY_FOLDER, _compose, cli_env
 
-TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 images: 33 train, 5 val, 10 test
 NUM_TRAIN = 33
-# A small model on small inputs; 30 batches of 8 per epoch, 3 epochs per run.
-TINY_RUN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "data.input_size=[32,96]",
-            "data.batch_size=8", "data.train_samples_per_epoch=240", "trainer.max_steps=90", "logger=csv", *QUIET_TRAINER]
 
 
 # ---- the numbers -----------------------------------------------------------------------------
@@ -133,7 +129,7 @@ def test_bad_input_stops_the_audit_before_any_training(tmp_path):
 def _audit_command(out: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [PYTHON, "-m", "captcha_lit.audit", f"data.path={TINY_FOLDER}", "audit.labels=[10,all]",
             "~audit.grid.pretrain", "pretrain=none", "+audit.grid.seed=[42]",
-            f"data.cache_dir={cache_dir}", *TINY_RUN, f"hydra.run.dir={out}", *extra]
+            f"data.cache_dir={cache_dir}", *AUDIT_TINY_RUN, f"hydra.run.dir={out}", *extra]
 
 
 def _picture(path: Path) -> None:

@@ -16,9 +16,8 @@ from captcha_lit.predict import predict
 from captcha_lit.train import train
 from captcha_lit.training.builders import build_datamodule, build_module, to_plain
 from captcha_lit.training.checkpoints import init_from_checkpoint
-from conftest import FIXTURES, QUIET_TRAINER, REPO_ROOT, _compose
+from conftest import QUIET_TRAINER, REPO_ROOT, TINY_FOLDER, _compose
 
-TINY_FOLDER = FIXTURES / "tiny_folder"
 CHARSET = "2345678abcdefghkmnprstuvwxyz"  # every character of the fixture's labels, sorted
 SHARED = REPO_ROOT.parent / "shared" / "datasets" / "captcha_images_v2"
 SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]

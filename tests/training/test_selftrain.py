@@ -12,9 +12,8 @@ import pytest
 
 from captcha_lit.data.synthetic import CaptchaGenerator, GeneratorSpec
 from captcha_lit.train import train
-from conftest import FIXTURES, QUIET_TRAINER, _compose
+from conftest import QUIET_TRAINER, TINY_FOLDER, _compose
 
-TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 labeled 120x40 CAPTCHAs: 33 train, 5 val, 10 test
 SMALL = ["pretrain=none", "model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "logger=csv",
          "data.batch_size=8", "data.train_samples_per_epoch=null", "trainer.max_epochs=1", "trainer.max_steps=-1",
          "trainer.min_steps=null", "callbacks.plateau_stop=null"]

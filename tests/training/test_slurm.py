@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, QUIET_TRAINER, REPO_ROOT, TINY_DATA, cli_env
+from conftest import AUDIT_TINY_RUN, PYTHON, QUIET_TRAINER, REPO_ROOT, TINY_DATA, TINY_FOLDER, cli_env
 from slurm_cluster import PACKAGES, LocalSlurm, missing_programs
 
 pytestmark = pytest.mark.slow
@@ -265,3 +265,30 @@ def test_a_cluster_that_cannot_run_the_sweep_is_a_one_line_error(case, slurm, tm
                                         "signal_delay_s)",
     }[case]
     assert line == expected
+
+
+def test_audit_grid_runs_on_the_queue(slurm, tmp_path, cache_dir):
+    """The audit is a ``train -m`` sweep like any other: on the SLURM launcher each point is an sbatch
+    job, and the audit gathers their metrics into its results and report."""
+    out = tmp_path / "audit"
+    cmd = [PYTHON, "-m", "captcha_lit.audit", f"data.path={TINY_FOLDER}", "audit.labels=[10,all]",
+           "~audit.grid.pretrain", "pretrain=none", "+audit.grid.seed=[42]", f"data.cache_dir={cache_dir}",
+           *AUDIT_TINY_RUN, "trainer.max_steps=30", f"hydra.run.dir={out}", *LAUNCHER]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(slurm, cache_dir), capture_output=True, text=True,
+                          timeout=150)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    # Two sbatch jobs, one per label count, each with its log in the audit's run folder; the launcher's
+    # lines go to the audit's grid.log.
+    times = _times((out / "grid.log").read_text())
+    assert sorted(times) == [0, 1], (out / "grid.log").read_text()
+    logs = sorted((out / "runs" / "slurm").glob("*/*_log.out"))
+    assert len(logs) == 2, logs
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["labels"]) for r in rows] == [10, 33]
+    for row in rows:
+        metrics = json.loads((out / "runs" / f"labels={row['labels']},seed=42" / "metrics.json").read_text())
+        assert float(row["test_seq_acc"]) == pytest.approx(metrics["test/seq_acc"], abs=1e-6)
+        assert metrics["global_step"] == 30
+    assert "of this scheme's CAPTCHAs" in (out / "report.md").read_text()
+    print("\naudit on the queue, queue, run and total seconds per job:", times)
