@@ -244,11 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=96, help="model input width, with --squeeze")
     parser.add_argument("--context", action="store_true", help="inside whole CAPTCHAs, at full resolution")
     parser.add_argument("--length", type=int, default=5, help="characters per CAPTCHA, with --context")
+    parser.add_argument("--batch", type=int, default=128, help="images per optimizer step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = study(args.pair, args.train, args.test, args.epochs, args.squeeze, args.width, args.context,
-                   args.length, seed=args.seed)
+                   args.length, batch=args.batch, seed=args.seed)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -34,10 +34,11 @@ def test_drawing_is_seeded_and_squeeze_narrows_the_characters():
 @pytest.mark.slow
 def test_a_short_study_learns_a_distinct_pair(tmp_path):
     out = tmp_path / "study.json"
-    result = main(["--pair", "1W", "--train", "4096", "--test", "512", "--epochs", "3", "--out", str(out)])
+    result = main(["--pair", "1W", "--train", "1024", "--test", "256", "--epochs", "3", "--batch", "32",
+                   "--out", str(out)])
     assert json.loads(out.read_text()) == result
     (run,) = result["runs"]
-    assert run["train"] == 4096 and [row["epoch"] for row in run["history"]] == [1, 2, 3]
+    assert run["train"] == 1024 and [row["epoch"] for row in run["history"]] == [1, 2, 3]
     assert run["history"][-1]["test_acc"] > 0.9  # 1 and W look nothing alike
 
 
@@ -55,8 +56,8 @@ def test_context_pairs_differ_only_in_the_character_and_are_centred_on_it():
 
 @pytest.mark.slow
 def test_context_learning_curve_trains_one_classifier_per_size():
-    result = main(["--context", "--pair", "1A", "--train", "1024,512", "--test", "256", "--epochs", "2"])
-    assert result["mode"] == "context" and [run["train"] for run in result["runs"]] == [512, 1024]
+    result = main(["--context", "--pair", "1A", "--train", "512,256", "--test", "128", "--epochs", "2", "--batch", "32"])
+    assert result["mode"] == "context" and [run["train"] for run in result["runs"]] == [256, 512]
     assert result["test_pairs_differing_pixels"]["median"] > 50  # 1 and A differ in many pixels
     assert all(len(run["history"]) == 2 for run in result["runs"])
 
