@@ -161,19 +161,30 @@ PARITY_FIGURES = ("num_images", "text_agreement", "text_mismatches", "max_abs_lo
                   "onnx_seq_acc")
 
 
+NO_CHECKPOINT = "no checkpoint: pass --ckpt PATH, run `make train` first, or add train_default to --only"
+
+
+def _export_report(ckpt: str, out_dir: Path, name: str, report_glob: str, *overrides: str) -> dict:
+    """``python -m captcha_lit.export`` of ``ckpt`` into ``out_dir/name`` (log: ``out_dir/name.log``),
+    then its parity report (the first match of ``report_glob``), or ``{"error": ...}``."""
+    run_dir = out_dir / name
+    cmd = [sys.executable, "-m", "captcha_lit.export", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}", *overrides]
+    with open(out_dir / f"{name}.log", "w") as log_file:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    reports = sorted(run_dir.glob(report_glob))
+    if not reports:
+        return {"error": f"export exited with code {code}; see {out_dir / f'{name}.log'}"}
+    return json.loads(reports[0].read_text())
+
+
 def bench_parity(ckpt: str | None, out_dir: Path) -> dict:
     """ONNX against PyTorch on the checkpoint's whole fixed test split (2,000 images by default)."""
     if not ckpt:
-        return {"error": "no checkpoint: pass --ckpt PATH, run `make train` first, or add train_default to --only"}
-    run_dir = out_dir / "parity"
-    cmd = [sys.executable, "-m", "captcha_lit.export", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}",
-           "parity.split=test", "parity.num_images=null", "parity.max_mismatch_rate=0.001"]
-    with open(out_dir / "parity.log", "w") as log_file:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
-    report_path = run_dir / "model.parity.json"
-    if not report_path.is_file():
-        return {"ckpt": ckpt, "error": f"export exited with code {code}; see {out_dir / 'parity.log'}"}
-    report = json.loads(report_path.read_text())
+        return {"error": NO_CHECKPOINT}
+    report = _export_report(ckpt, out_dir, "parity", "model.parity.json", "parity.split=test",
+                            "parity.num_images=null", "parity.max_mismatch_rate=0.001")
+    if "error" in report:
+        return {"ckpt": ckpt, **report}
     return {"ckpt": ckpt, "passed": report["passed"], **{key: report[key] for key in PARITY_FIGURES}}
 
 
@@ -187,30 +198,25 @@ def bench_int8(ckpt: str | None, out_dir: Path, repeats: int, images: int = 2048
     from captcha_lit.deploy.runtime import Solver
 
     if not ckpt:
-        return {"error": "no checkpoint: pass --ckpt PATH, run `make train` first, or add train_default to --only"}
-    run_dir = out_dir / "int8"
-    cmd = [sys.executable, "-m", "captcha_lit.export", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}",
-           "quantize=int8"]
-    with open(out_dir / "int8.log", "w") as log_file:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
-    reports = sorted(run_dir.glob("*.int8.parity.json"))
-    if not reports:
-        return {"ckpt": ckpt, "error": f"export exited with code {code}; see {out_dir / 'int8.log'}"}
-    report = json.loads(reports[0].read_text())
+        return {"error": NO_CHECKPOINT}
+    report = _export_report(ckpt, out_dir, "int8", "*.int8.parity.json", "quantize=int8")
+    if "error" in report:
+        return {"ckpt": ckpt, **report}
     solvers = {"fp32": Solver(report["fp32_model"], batch_size=INFERENCE_BATCH),
                "int8": Solver(report["model"], batch_size=INFERENCE_BATCH)}
-    height, width = solvers["fp32"].spec.input_size
-    batch = np.random.default_rng(0).integers(0, 256, (INFERENCE_BATCH, height, width, solvers["fp32"].spec.channels),
+    spec = solvers["fp32"].spec
+    batch = np.random.default_rng(0).integers(0, 256, (INFERENCE_BATCH, *spec.input_size, spec.channels),
                                               dtype=np.uint8)
+    batches = max(1, images // INFERENCE_BATCH)
     rates: dict[str, list[float]] = {name: [] for name in solvers}
-    for name, solver in solvers.items():
+    for solver in solvers.values():
         solver.logits(batch)  # warm-up
     for _ in range(max(1, repeats)):
         for name, solver in solvers.items():  # interleaved, so machine load hits both alike
             start = time.perf_counter()
-            for _ in range(max(1, images // INFERENCE_BATCH)):
+            for _ in range(batches):
                 solver.logits(batch)
-            rates[name].append(max(1, images // INFERENCE_BATCH) * INFERENCE_BATCH / (time.perf_counter() - start))
+            rates[name].append(batches * INFERENCE_BATCH / (time.perf_counter() - start))
     fp32, int8 = median(rates["fp32"]), median(rates["int8"])
     return {"ckpt": ckpt, "passed": report["passed"], "fp32_img_s": round(fp32, 1), "int8_img_s": round(int8, 1),
             "speedup": round(int8 / fp32, 3), **{key: report[key] for key in INT8_FIGURES[3:]}}

@@ -235,9 +235,9 @@ def _int8_figure(values: dict) -> str:
             f"256; texts agree {values['text_agreement']} ({values['text_mismatches']} differ)")
 
 
-_FIGURES = {"int8": _int8_figure, "throughput": _throughput_figure, "onnx": _onnx_figure, "http": _http_figure, "ddp": _ddp_figure,
+_FIGURES = {"throughput": _throughput_figure, "onnx": _onnx_figure, "http": _http_figure, "ddp": _ddp_figure,
             "stream": _stream_figure, "generation": _generation_figure, "cache_load": _cache_load_figure,
-            "parity": _parity_figure}
+            "parity": _parity_figure, "int8": _int8_figure}
 
 
 def _main_figures(benchmark: str, values: dict) -> str:
