@@ -21,17 +21,35 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf
+_IMPORTED_AT = time.time()
+_EARLY_WARNINGS: list[int] = []
 
-from captcha_lit.utils import entry_point
+
+def _hold_early_warnings() -> None:
+    """SLURM may send its time-limit warning up to a minute early (sbatch's --signal), here while the
+    job still unpickles its task, before submitit's handler exists: SIGUSR2's default action would kill
+    the job without a word. On the node, this module is imported first thing, so it holds the signal
+    until the task starts, which hands it to submitit (SlurmLauncher.__call__)."""
+    main_module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if main_module == "submitit.core._submit" and signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR2, lambda signum, frame: _EARLY_WARNINGS.append(signum))
+
+
+_hold_early_warnings()
+
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides  # noqa: E402  (after the hold: slow imports)
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher  # noqa: E402
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from captcha_lit.utils import entry_point  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +233,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     # ---- on the node ----
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
                  singleton_state: dict) -> JobReturn:
-        self._attempt_start = time.time()
+        self._attempt_start = _IMPORTED_AT  # this process is this attempt
+        if _EARLY_WARNINGS:  # submitit's handler exists now
+            _EARLY_WARNINGS.clear()
+            signal.raise_signal(signal.SIGUSR2)
         threads = os.environ.get("SLURM_CPUS_PER_TASK")
         if threads:  # what the job was given, whatever the node has (task/none does not pin the CPUs)
             import torch

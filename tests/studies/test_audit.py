@@ -132,6 +132,9 @@ def _audit_command(out: Path, cache_dir: Path, *extra: str) -> list[str]:
             f"data.cache_dir={cache_dir}", *AUDIT_TINY_RUN, f"hydra.run.dir={out}", *extra]
 
 
+INTERRUPTED_STEPS = 300
+
+
 def _picture(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 2000, path
     pixels = np.asarray(Image.open(path).convert("RGB"))
@@ -143,13 +146,15 @@ def test_tiny_audit_is_interrupted_continues_and_writes_its_report(tmp_path, cac
     out = tmp_path / "audit"
     runs = out / "runs"
     first, second = runs / "labels=10,seed=42", runs / f"labels={NUM_TRAIN},seed=42"
-    command = _audit_command(out, cache_dir)
+    # 10 epochs of 30 steps: the second point's first epoch ends seconds before its run does, time enough
+    # to see it and stop the audit on a loaded machine.
+    command = _audit_command(out, cache_dir, f"trainer.max_steps={INTERRUPTED_STEPS}")
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     # Stop it once the second point has finished an epoch but not the run.
     while not (second / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"{stdout[-2000:]}\n{stderr[-3000:]}"
@@ -167,7 +172,7 @@ def test_tiny_audit_is_interrupted_continues_and_writes_its_report(tmp_path, cac
     assert (first / "metrics.json").stat().st_mtime_ns == finished_at  # not trained again
     resumed = json.loads((second / "metrics.json").read_text())
     assert resumed["resumed_from"] == str(second / "checkpoints" / "last.ckpt")
-    assert resumed["global_step"] == 90
+    assert resumed["global_step"] == INTERRUPTED_STEPS
 
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
