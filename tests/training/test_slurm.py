@@ -302,14 +302,16 @@ def test_audit_grid_runs_on_the_queue(slurm, tmp_path, cache_dir):
 def test_a_warning_during_the_jobs_imports_is_held_for_its_task():
     """SLURM may send SIGUSR2 while a job still unpickles its task (before submitit's handler exists):
     on the node (submitit's entry point is __main__), importing the launcher holds it instead of dying."""
-    probe = ("import os, signal, sys, types\n"
-             "sys.modules['__main__'].__spec__ = types.SimpleNamespace(name='submitit.core._submit')\n"
-             "from captcha_lit.training import slurm\n"
-             "os.kill(os.getpid(), signal.SIGUSR2)\n"
-             "print('held', slurm._EARLY_WARNINGS)\n")
-    held = subprocess.run([PYTHON, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    def probe(on_node: bool) -> subprocess.CompletedProcess:
+        as_node = "sys.modules['__main__'].__spec__ = types.SimpleNamespace(name='submitit.core._submit')\n"
+        code = ("import os, signal, sys, types\n" + (as_node if on_node else "") +
+                "from captcha_lit.training import slurm\n"
+                "os.kill(os.getpid(), signal.SIGUSR2)\n"
+                "print('held', slurm._EARLY_WARNINGS)\n")
+        return subprocess.run([PYTHON, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+    held = probe(on_node=True)
     assert held.returncode == 0 and held.stdout.strip() == f"held [{int(signal.SIGUSR2)}]", held.stderr[-2000:]
     # Anywhere else (the submitting process, a user's script) the import leaves SIGUSR2 alone.
-    plain = subprocess.run([PYTHON, "-c", probe.split("\n", 2)[0] + "\n" + probe.split("\n", 2)[2]], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=120)
+    plain = probe(on_node=False)
     assert plain.returncode == -signal.SIGUSR2, plain.stdout
