@@ -43,17 +43,43 @@ def default_input_shape() -> tuple[int, int, int]:
 
 def process_tree_rss(pid: int) -> int:
     """Resident bytes of process ``pid`` and all its descendants (0 once it has exited)."""
+    return process_tree_memory(pid)[0]
+
+
+def _proportional_bytes(pid: int) -> int | None:
+    """The process's PSS: its private pages plus its share of each page it shares with others
+    (forked workers and the memory-mapped data cache), from ``/proc/PID/smaps_rollup`` (Linux)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def process_tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes summed over process ``pid`` and all its descendants; (0, 0) once it has exited.
+
+    Summed RSS counts a page once for every process that maps it, so a parent with forked workers
+    writing into one shared array shows that array up to three times. Summed PSS splits each shared
+    page among the processes that map it: the physical memory the tree holds. Where the kernel has
+    no ``smaps_rollup``, PSS falls back to RSS."""
     import psutil
 
     try:
         process = psutil.Process(pid)
         processes = [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    rss = pss = 0
     for member in processes:
         try:
-            total += member.memory_info().rss
+            resident = member.memory_info().rss
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+        proportional = _proportional_bytes(member.pid)
+        rss += resident
+        pss += resident if proportional is None else proportional
+    return rss, pss

@@ -95,7 +95,7 @@ class _RowCollector:
 
 
 TRAINING_METRICS = {"test_seq_acc": "test_seq_acc", "test_char_acc": "test_char_acc", "wall_time_s": "wall_s",
-                    "peak_rss_gb": "peak_rss_gb", "train_img_s": "train_img_s",
+                    "peak_rss_gb": "peak_rss_gb", "peak_pss_gb": "peak_pss_gb", "train_img_s": "train_img_s",
                     **{f"val_seq_acc_at_{minutes}min": f"val_seq_acc_at_{minutes}min" for minutes in VAL_MINUTES}}
 
 

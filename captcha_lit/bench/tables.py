@@ -84,7 +84,8 @@ def _training_lines(key: str, summary: dict, target: str) -> list[str]:
     lines = [f"| {key} ({' '.join(summary['overrides']) or 'no overrides'}; median of {len(seeds)}) | test seq acc | "
              f"{_shown(summary['median_test_seq_acc'])}{spread} | {target} |",
              f"| | wall time (incl. data generation) | {summary['median_wall_s']} s | |",
-             f"| | peak RSS (process tree) | {summary['median_peak_rss_gb']} GB | |",
+             f"| | peak memory of the process tree, RSS / PSS | {summary['median_peak_rss_gb']} / "
+             f"{summary.get('median_peak_pss_gb', 'n/a')} GB | |",
              f"| | val seq acc at {' / '.join(map(str, VAL_MINUTES))} min | "
              f"{' / '.join(_shown(summary.get(f'median_val_seq_acc_at_{m}min')) for m in VAL_MINUTES)} | |",
              f"| | train throughput | {summary['median_train_img_s']} img/s | |"]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from captcha_lit.bench.common import ROOT, compose, median, process_tree_rss
+from captcha_lit.bench.common import ROOT, compose, median, process_tree_memory
 
 # The minutes of a run (data generation included) at which its validation accuracy is reported.
 VAL_MINUTES = (2, 4, 6, 10, 15)
@@ -65,16 +65,17 @@ def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool
            "trainer.enable_progress_bar=false"]
     if cache_dir is not None:
         cmd.append(f"data.cache_dir={cache_dir}")
-    peak_rss = 0
+    peak_rss = peak_pss = 0
     start = time.time()
     with open(out_dir / f"{name}.log", "w") as log_file:
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
         done = threading.Event()
 
         def sample_rss():
-            nonlocal peak_rss
+            nonlocal peak_rss, peak_pss
             while not done.is_set():
-                peak_rss = max(peak_rss, process_tree_rss(process.pid))
+                rss, pss = process_tree_memory(process.pid)
+                peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
                 done.wait(0.5)
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
@@ -95,12 +96,13 @@ def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool
 
     return {"name": name, "test_seq_acc": metrics.get("test/seq_acc"), "test_char_acc": metrics.get("test/char_acc"),
             "best_ckpt": metrics.get("best_ckpt"), "wall_s": round(wall, 1), "peak_rss_gb": round(peak_rss / 2**30, 2),
+            "peak_pss_gb": round(peak_pss / 2**30, 2),
             "train_img_s": metrics.get("train_images_per_s"),
             **{f"val_seq_acc_at_{minutes}min": val_seq_acc_at(minutes) for minutes in VAL_MINUTES},
             "test_ece": metrics.get("test/ece"), "pretrain": (metrics.get("recipe") or {}).get("pretrain")}
 
 
-TRAINING_FIGURES = ("test_seq_acc", "test_char_acc", "wall_s", "peak_rss_gb", "train_img_s",
+TRAINING_FIGURES = ("test_seq_acc", "test_char_acc", "wall_s", "peak_rss_gb", "peak_pss_gb", "train_img_s",
                     *(f"val_seq_acc_at_{minutes}min" for minutes in VAL_MINUTES))
 
 

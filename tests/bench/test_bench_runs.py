@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -106,3 +108,34 @@ def test_hostile_load_benchmark_runs_for_real(tmp_path, monkeypatch):
     with open(tmp_path / "results.csv", newline="") as file:
         metrics = {row["metric"] for row in csv.DictReader(file) if row["benchmark"] == "hostile_load"}
     assert {"p99_ms", "errors", "rss_growth_pct", "slow_max_close_s"} <= metrics
+
+
+SHARED_MB = 96
+_SHARED_PARENT = f"""
+import mmap, os, sys, time
+shared = mmap.mmap(-1, {SHARED_MB} << 20, flags=mmap.MAP_SHARED)
+shared.write(b"x" * ({SHARED_MB} << 20))      # every page resident before the fork
+if os.fork() == 0:
+    shared.seek(0); shared.read()            # the child maps the same pages
+    print("ready", flush=True); time.sleep(30); os._exit(0)
+time.sleep(30)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PSS comes from /proc/PID/smaps_rollup")
+def test_tree_memory_counts_pages_shared_with_a_forked_worker_once():
+    from captcha_lit.bench.common import process_tree_memory
+
+    parent = subprocess.Popen([sys.executable, "-c", _SHARED_PARENT], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        rss, pss = process_tree_memory(parent.pid)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the forked child too
+        parent.wait()
+    shared = SHARED_MB << 20
+    # Summed RSS shows the shared array once per process; PSS splits it between the two.
+    assert rss >= 2 * shared
+    assert shared <= pss < rss - shared * 0.8
+    assert process_tree_memory(parent.pid) == (0, 0)
