@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NONE, AUTO = "none", "auto"
 # Bumped when the pre-training procedure changes in a way its cache key does not see.
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 # The captcha package draws its default font sizes for a 60-pixel-high canvas.
 PACKAGE_CANVAS_HEIGHT = 60
 PACKAGE_FONT_SIZES = (42, 50, 56)
@@ -86,7 +86,8 @@ def pretraining_config(cfg: DictConfig, scheme: dict, fonts: list[str], out_dir:
         pre.trainer.max_epochs = int(plan.epochs)
         pre.trainer.max_steps = -1
         pre.trainer.min_steps = None
-        keep = ("model_checkpoint", "last_checkpoint", "ema")
+        # Checkpoints only: the weight average is the fine-tune's, sized to few real labels.
+        keep = ("model_checkpoint", "last_checkpoint")
         pre.callbacks = {k: v for k, v in (cfg.get("callbacks") or {}).items() if k in keep and v is not None}
         if "model_checkpoint" in pre.callbacks:
             pre.callbacks.model_checkpoint.monitor = "val/seq_acc"
@@ -113,7 +114,7 @@ def _cache_fields(cfg: DictConfig, scheme: dict, fonts: list[str]) -> dict:
         "optimizer": {**plain(cfg.optimizer), "lr": float(cfg.pretraining.lr)},
         "scheduler": plain(cfg.scheduler), "augmentation": plain(cfg.get("augmentation")),
         "pretraining": {k: v for k, v in plain(cfg.pretraining).items() if k not in ("max_labels", "finetune_lr")},
-        "ema": plain((cfg.get("callbacks") or {}).get("ema")), "seed": cfg.get("seed"),
+        "seed": cfg.get("seed"),
         "precision": str(cfg.trainer.get("precision")),
     }
 

@@ -12,7 +12,7 @@ import torch
 
 from captcha_lit.train import train
 from captcha_lit.data import cache
-from captcha_lit.training.pretrain import build_lock, scheme_font_sizes, scheme_fonts
+from captcha_lit.training.pretrain import build_lock, pretraining_config, scheme_font_sizes, scheme_fonts
 from conftest import FIXTURES, QUIET_TRAINER, _compose
 
 TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 labeled 120x40 RGB CAPTCHAs, 4-6 characters
@@ -99,3 +99,13 @@ def test_a_live_pretraining_build_is_not_removed_as_dead(tmp_path):
         assert cache.remove_dead_builds(tmp_path, held="train-fedcba9876543210") == []
     assert building.is_dir()
     assert cache.remove_dead_builds(tmp_path, held="train-fedcba9876543210") == [building]  # its builder is gone
+
+
+def test_the_fine_tune_averages_its_weights_and_the_pretraining_run_does_not(tmp_path, cache_dir):
+    cfg = _compose("train", ["data=folder", f"data.path={TINY_FOLDER}", f"data.cache_dir={cache_dir}"], tmp_path)
+    assert cfg.callbacks.ema.decay == 0.995  # the folder recipe's short average
+    scheme = {"charset": "abc", "min_length": 4, "max_length": 6, "canvas": [40, 120], "input_size": [32, 96],
+              "grayscale": True}
+    pre = pretraining_config(cfg, scheme, ["font.ttf"], str(tmp_path / "pre"))
+    assert set(pre.callbacks) == {"model_checkpoint", "last_checkpoint"}
+    assert pre.callbacks.model_checkpoint.monitor == "val/seq_acc"
