@@ -185,11 +185,11 @@ class CaptchaGenerator:
     """Draws (text, image) pairs, each determined by ``(seed, split, index)``."""
 
     def __init__(self, spec: GeneratorSpec):
-        from captcha.image import ImageCaptcha
+        from captcha_lit.data.drawing import image_captcha_class
 
         self.spec = spec
         self.charset = Charset(spec.charset)
-        self._captcha = ImageCaptcha(
+        self._captcha = image_captcha_class()(
             width=spec.width,
             height=spec.height,
             fonts=list(spec.fonts) if spec.fonts else None,
