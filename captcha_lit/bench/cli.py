@@ -1,11 +1,12 @@
 """``make bench``: the project's accuracy and speed targets, measured on this machine.
 
-    python -m captcha_lit.bench                         # everything (about 1.5 hours on 2 cores)
+    python -m captcha_lit.bench                         # everything (about 2 hours on 2 cores)
     python -m captcha_lit.bench --only gen,load,throughput --repeats 5
     python -m captcha_lit.bench --only train_default --train-repeats 3
     python -m captcha_lit.bench --only onnx --http-seconds 10
     python -m captcha_lit.bench --only parity --ckpt outputs/train/runs/<time>/checkpoints/<best>.ckpt
     python -m captcha_lit.bench --only labels --train-repeats 3  # 100/50 labels, 25 + unlabeled, vs. scratch
+    python -m captcha_lit.bench --only audit                # the audit of captcha_images_v2, fresh cache
     python -m captcha_lit.bench --only ddp --train-repeats 3 # 1 process vs DDP with 2 (gloo), equal samples
     python -m captcha_lit.bench --only stream --repeats 3    # time the trainer waits for streamed data
     python -m captcha_lit.bench --table                 # the README's results table from docs/results.csv
@@ -35,10 +36,10 @@ from captcha_lit.bench.results import (ResultsFileError, append_rows, check_colu
                                        current_provenance, read_rows, result_rows)
 from captcha_lit.bench.speed import bench_int8, bench_onnx, bench_parity, bench_throughput, newest_checkpoint
 from captcha_lit.bench.tables import current_results_table, run_table
-from captcha_lit.bench.training import TRAINING, bench_ddp, bench_labels, bench_training
+from captcha_lit.bench.training import TRAINING, bench_audit, bench_ddp, bench_labels, bench_training
 
 ALL_BENCHMARKS = ("gen", "load", "throughput", "onnx", "hostile_load", *TRAINING, "ddp", "stream", "labels",
-                  "parity", "int8")
+                  "audit", "parity", "int8")
 DEFAULT_RESULTS_CSV = ROOT / "docs" / "results.csv"
 
 # The flags each benchmark reads: its rows' command repeats them, and only them.
@@ -46,7 +47,7 @@ _FLAGS = {"gen": ("repeats", "gen_images"), "load": ("repeats", "load_images"), 
           "onnx": ("repeats", "http_seconds", "http_clients"), "hostile_load": ("http_seconds", "http_clients"),
           **{key: ("train_repeats",) for key in TRAINING},
           "ddp": ("train_repeats", "ddp_samples", "ddp_epochs"),
-          "stream": ("repeats", "stream_batches", "stream_workers"), "labels": ("train_repeats",), "parity": ("ckpt",),
+          "stream": ("repeats", "stream_batches", "stream_workers"), "labels": ("train_repeats",), "audit": (), "parity": ("ckpt",),
           "int8": ("ckpt", "repeats")}
 
 
@@ -106,6 +107,8 @@ def _run_benchmark(key: str, args: argparse.Namespace, out_dir: Path, results: d
         return bench_stream(args.repeats, args.stream_batches, args.stream_workers)
     if key == "labels":
         return bench_labels(args.train_repeats, out_dir)
+    if key == "audit":
+        return bench_audit(out_dir)
     if key in ("parity", "int8"):
         ckpt = args.ckpt
         if ckpt is None and "train_default" in results:

@@ -21,8 +21,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def compose(overrides: list[str]):
-    """``conf/train.yaml`` with ``overrides``, composed as ``python -m captcha_lit.train`` would."""
+def compose(overrides: list[str], config_name: str = "train"):
+    """``conf/<config_name>.yaml`` with ``overrides``, composed as ``python -m captcha_lit.<config_name>`` would."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -31,7 +31,7 @@ def compose(overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 def default_input_shape() -> tuple[int, int, int]:

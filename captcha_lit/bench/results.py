@@ -185,6 +185,12 @@ def result_rows(key: str, result: dict, command: str, provenance: Provenance) ->
         _stream_rows(rows, result, command)
     elif key == "labels":
         _labels_rows(rows, result, command)
+    elif key == "audit" and "error" not in result:
+        metrics = {"wall_time_s": "wall_s", "peak_rss_gb": "peak_rss_gb", "peak_pss_gb": "peak_pss_gb",
+                   "points": "points", "target": "target", "fewest_labels": "fewest_labels",
+                   "fewest_labels_seq_acc": "fewest_labels_seq_acc", "all_labels_seq_acc": "all_labels_seq_acc"}
+        for metric, name in metrics.items():
+            rows.add(f"audit_{result['dataset']}", metric, result[name], "", command)
     elif key == "parity" and "error" not in result:
         for metric in ("text_agreement", "text_mismatches", "max_abs_logit_diff", "torch_seq_acc", "onnx_seq_acc"):
             rows.add("parity", metric, result[metric], "", command)

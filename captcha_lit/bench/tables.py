@@ -105,6 +105,16 @@ def _labels_lines(result: dict) -> list[str]:
     return lines
 
 
+def _audit_lines(audit: dict) -> list[str]:
+    if "error" in audit:
+        return [f"| audit of {audit.get('dataset')} | | FAILED: {audit['error']} | |"]
+    return [f"| audit of {audit['dataset']}, default grid ({audit['points']} runs), fresh cache | wall time | "
+            f"{audit['wall_s'] / 60:.1f} min | <= 30 min |",
+            f"| | peak memory, RSS / PSS | {audit['peak_rss_gb']} / {audit['peak_pss_gb']} GB | |",
+            f"| | fewest labels read at >= {audit['target']} | {audit['fewest_labels']} "
+            f"({_shown(audit['fewest_labels_seq_acc'])}); all labels {_shown(audit['all_labels_seq_acc'])} | |"]
+
+
 def _int8_lines(int8: dict) -> list[str]:
     if "error" in int8:
         return [f"| int8 ONNX | | FAILED: {int8['error']} | |"]
@@ -151,6 +161,8 @@ def run_table(results: dict) -> str:
             lines += _training_lines(key, results[key], recipe.target)
     if "labels" in results:
         lines += _labels_lines(results["labels"])
+    if "audit" in results:
+        lines += _audit_lines(results["audit"])
     if "parity" in results:
         lines += _parity_lines(results["parity"])
     if "int8" in results:
@@ -169,6 +181,8 @@ def _figure_text(value: str) -> str:
 
 def _training_figure(values: dict) -> str:
     figure = f"test seq acc {values['test_seq_acc']}, wall {values['wall_time_s']} s"
+    if "peak_pss_gb" in values:  # PSS counts the pages that forked workers share with the trainer once
+        return figure + f", peak memory {values['peak_rss_gb']} GB summed RSS, {values['peak_pss_gb']} GB PSS"
     return figure + (f", peak RSS {values['peak_rss_gb']} GB" if "peak_rss_gb" in values else "")
 
 
@@ -226,6 +240,13 @@ def _cache_load_figure(values: dict) -> str:
     return f"cached split loaded in {values['load_s']} s"
 
 
+def _audit_figure(values: dict) -> str:
+    minutes = float(values["wall_time_s"]) / 60
+    return (f"default grid ({values['points']} runs) in {minutes:.1f} min from a fresh cache; "
+            f"{values['fewest_labels']} labels read {values['fewest_labels_seq_acc']} (>= {values['target']}), "
+            f"all labels {values['all_labels_seq_acc']}")
+
+
 def _parity_figure(values: dict) -> str:
     return (f"decoded texts agree {values['text_agreement']} ({values['text_mismatches']} differ), "
             f"largest logit difference {values['max_abs_logit_diff']}")
@@ -247,6 +268,8 @@ def _main_figures(benchmark: str, values: dict) -> str:
             return _training_figure(values)
         if benchmark.startswith("labels_"):
             return _labels_figure(benchmark, values)
+        if benchmark.startswith("audit_"):
+            return _audit_figure(values)
         if benchmark in _FIGURES:
             return _FIGURES[benchmark](values)
     except KeyError:  # a run that measured only some metrics: list what it has

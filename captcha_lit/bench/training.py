@@ -4,7 +4,9 @@ synthetic pre-training on a few real labels, and one process against DDP with tw
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -55,20 +57,24 @@ def train_command(overrides: list[str]) -> str:
     return " ".join(["python -m captcha_lit.train", *map(shlex.quote, kept)])  # ${...} stays literal in a shell
 
 
-def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool, cache_dir: Path | None = None) -> dict:
-    """One training run in a subprocess; ``fresh_cache``: in a new data cache of its own, removed
-    afterwards; else in ``cache_dir`` (or the configured cache)."""
+def _timed_process(name: str, module: str, overrides: list[str], out_dir: Path, fresh_cache: bool,
+                   cache_dir: Path | None = None) -> dict:
+    """``python -m module`` in a subprocess, its log in ``out_dir/name.log`` and its Hydra run in
+    ``out_dir/name``; ``fresh_cache``: in a new data cache of its own, removed afterwards; else in
+    ``cache_dir`` (or the configured cache). Returns the exit code, the wall time and the peak
+    memory of its process tree."""
     run_dir = out_dir / name
     owned = fresh_cache
     cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_cache_")) if fresh_cache else cache_dir
-    cmd = [sys.executable, "-m", "captcha_lit.train", *overrides, f"hydra.run.dir={run_dir}",
-           "trainer.enable_progress_bar=false"]
+    cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+    env = dict(os.environ)
     if cache_dir is not None:
         cmd.append(f"data.cache_dir={cache_dir}")
+        env["CAPTCHA_LIT_CACHE"] = str(cache_dir)  # every cache a run writes, pre-trained models included
     peak_rss = peak_pss = 0
     start = time.time()
     with open(out_dir / f"{name}.log", "w") as log_file:
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         done = threading.Event()
 
         def sample_rss():
@@ -86,18 +92,27 @@ def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool
     wall = time.time() - start
     if owned:
         shutil.rmtree(cache_dir, ignore_errors=True)
+    result = {"name": name, "run_dir": run_dir, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_rss / 2**30, 2),
+              "peak_pss_gb": round(peak_pss / 2**30, 2)}
     if code != 0:
-        return {"name": name, "error": f"exit code {code}; see {out_dir / f'{name}.log'}"}
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+        result["error"] = f"exit code {code}; see {out_dir / f'{name}.log'}"
+    return result
+
+
+def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool, cache_dir: Path | None = None) -> dict:
+    """One training run (``_timed_process``) and the figures of its metrics.json."""
+    process = _timed_process(name, "captcha_lit.train", overrides, out_dir, fresh_cache, cache_dir)
+    if "error" in process:
+        return {"name": name, "error": process["error"]}
+    metrics = json.loads((process["run_dir"] / "metrics.json").read_text())
 
     def val_seq_acc_at(minutes: float):
         points = [point for point in metrics["timeline"] if point["elapsed_s"] <= minutes * 60]
         return points[-1]["val/seq_acc"] if points else None
 
     return {"name": name, "test_seq_acc": metrics.get("test/seq_acc"), "test_char_acc": metrics.get("test/char_acc"),
-            "best_ckpt": metrics.get("best_ckpt"), "wall_s": round(wall, 1), "peak_rss_gb": round(peak_rss / 2**30, 2),
-            "peak_pss_gb": round(peak_pss / 2**30, 2),
-            "train_img_s": metrics.get("train_images_per_s"),
+            "best_ckpt": metrics.get("best_ckpt"), "wall_s": process["wall_s"], "peak_rss_gb": process["peak_rss_gb"],
+            "peak_pss_gb": process["peak_pss_gb"], "train_img_s": metrics.get("train_images_per_s"),
             **{f"val_seq_acc_at_{minutes}min": val_seq_acc_at(minutes) for minutes in VAL_MINUTES},
             "test_ece": metrics.get("test/ece"), "pretrain": (metrics.get("recipe") or {}).get("pretrain")}
 
@@ -249,3 +264,40 @@ def bench_ddp(repeats: int, num_train: int, epochs: int, out_dir: Path) -> dict:
     one, two = result["one_process"]["median_test_seq_acc"], result["two_processes"]["median_test_seq_acc"]
     result["seq_acc_difference"] = round(two - one, 4) if one is not None and two is not None else None
     return result
+
+
+AUDIT_FIGURES = ("wall_s", "peak_rss_gb", "peak_pss_gb", "points", "fewest_labels", "fewest_labels_seq_acc",
+                 "all_labels_seq_acc")
+
+
+def audit_figures(results_csv: Path, target: float) -> dict:
+    """From an audit's results.csv: its points, the fewest labels whose best variant reads at
+    least ``target`` of the test split (and what it reads), and the best reading with every label."""
+    with open(results_csv, newline="") as file:
+        points = list(csv.DictReader(file))
+    best: dict[int, float] = {}
+    for point in points:
+        labels, accuracy = int(point["labels"]), float(point["test_seq_acc"])
+        best[labels] = max(best.get(labels, 0.0), accuracy)
+    reached = [labels for labels in sorted(best) if best[labels] >= target]
+    return {"points": len(points), "target": target, "fewest_labels": reached[0] if reached else None,
+            "fewest_labels_seq_acc": best[reached[0]] if reached else None,
+            "all_labels_seq_acc": best[max(best)] if best else None}
+
+
+def bench_audit(out_dir: Path) -> dict:
+    """``python -m captcha_lit.audit`` on captcha_images_v2 with its default grid, once, from a
+    fresh data cache: the wall time includes the scheme's pre-training, as a first audit's does."""
+    from captcha_lit.data.files import datasets_dir
+
+    root = datasets_dir() / LABELS_DATASET
+    if not root.is_dir():
+        return {"error": f"{root} does not exist; set CAPTCHA_LIT_DATASETS"}
+    overrides = [f"data.path={root}"]
+    process = _timed_process(f"audit_{LABELS_DATASET}", "captcha_lit.audit", overrides, out_dir, fresh_cache=True)
+    result = {"dataset": LABELS_DATASET, "command": " ".join(["python -m captcha_lit.audit", *overrides]),
+              **{key: value for key, value in process.items() if key != "run_dir"}}
+    if "error" in result:
+        return result
+    target = float(compose(overrides, config_name="audit").audit.target)
+    return {**result, **audit_figures(process["run_dir"] / "results.csv", target)}

@@ -138,3 +138,34 @@ def test_commit_is_the_short_hash_dirty_with_uncommitted_changes_and_empty_outsi
     assert git_commit(tmp_path) == short
     (tmp_path / "file.txt").write_text("two\n")
     assert git_commit(tmp_path) == f"{short}+dirty"
+
+
+def test_the_audit_benchmark_reports_its_time_and_the_fewest_labels_that_reach_the_target(monkeypatch, tmp_path,
+                                                                                           capsys):
+    calls = []
+
+    def fake_process(name, module, overrides, out_dir, fresh_cache, cache_dir=None):
+        calls.append((module, fresh_cache))
+        run_dir = out_dir / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.csv").write_text(
+            "labels,variant,test_seq_acc,seq_acc_at_coverage,calibration_error,train_minutes,steps,run_dir\n"
+            "25,pretrain=none,0.0,0.0,0.01,1.0,750,a\n25,pretrain=auto,0.93,0.95,0.02,4.9,1500,b\n"
+            "50,pretrain=none,0.90,0.94,0.04,1.2,1000,c\n50,pretrain=auto,0.97,0.98,0.02,1.7,1400,d\n"
+            "728,pretrain=none,0.9952,0.99,0.003,2.0,1500,e\n")
+        return {"name": name, "run_dir": run_dir, "wall_s": 1431.9, "peak_rss_gb": 1.6, "peak_pss_gb": 1.4}
+
+    monkeypatch.setattr(training, "_timed_process", fake_process)
+    cli.main(["--only", "audit", "--out", str(tmp_path)])
+    assert calls == [("captcha_lit.audit", True)]  # the audit's own command, from a fresh data cache
+    rows = [dict(zip(COLUMNS, line)) for line in _read(tmp_path / "results.csv")[1:]]
+    values = {row["metric"]: row["value"] for row in rows}
+    assert {row["benchmark"] for row in rows} == {"audit_captcha_images_v2"}
+    assert values == {"wall_time_s": "1431.9", "peak_rss_gb": "1.6", "peak_pss_gb": "1.4", "points": "5",
+                      "target": "0.95", "fewest_labels": "50", "fewest_labels_seq_acc": "0.97",
+                      "all_labels_seq_acc": "0.9952"}
+    assert rows[0]["command"] == "python -m captcha_lit.bench --only audit"
+    capsys.readouterr()
+    cli.main(["--table", str(tmp_path / "results.csv")])
+    assert ("| `audit_captcha_images_v2` | default grid (5 runs) in 23.9 min from a fresh cache; 50 labels read 0.97 "
+            "(>= 0.95), all labels 0.9952 |") in capsys.readouterr().out
