@@ -66,6 +66,7 @@ def train(folder: Path, labels: str, seed: int, run_dir: Path, cache: Path) -> d
                f"hydra.run.dir={run_dir}"]
     if labels != "all":
         command.append(f"data.train_limit={labels}")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
