@@ -30,6 +30,7 @@ from captcha_lit.training.pretrain import finetune_lr, pretrain_mode, pretrained
 from captcha_lit.training.calibration import calibrate_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
+from captcha_lit.training.finetune import keep_better_start, snapshot
 from captcha_lit.training.resume import resume_point
 from captcha_lit.training.selftrain import self_train
 from captcha_lit.utils import (check_model_path, entry_point, flatten, machine_description, output_dir, run_cores,
@@ -84,11 +85,13 @@ def train(cfg: DictConfig) -> dict:
     if getattr(datamodule, "bad_files", None):
         write_json(Path(out_dir) / "bad_files.json", datamodule.bad_files)
         log.warning("left out %d bad file(s); see %s", len(datamodule.bad_files), Path(out_dir) / "bad_files.json")
+    start_weights = None  # the weights a fine-tune starts from
     if cfg.get("init_from"):
         if pretrain_mode(cfg) not in ("none", "auto"):
             raise ValueError(f"init_from={cfg.init_from} and pretrain={cfg.pretrain} both name a checkpoint to start "
                              "from; pass one of them")
         init_from_checkpoint(model, cfg.init_from)
+        start_weights = snapshot(model)
     recipe = {f"data.{key}": choice.to_dict() for key, choice in getattr(datamodule, "recipe", {}).items()}
     if ckpt_path is None:
         pretrained, choice = pretrained_checkpoint(cfg, datamodule)
@@ -96,6 +99,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("pretrain=%s -> %s: %s", cfg.get("pretrain"), choice.value, choice.reason)
         if pretrained is not None:
             init_from_checkpoint(model, pretrained)
+            start_weights = snapshot(model)
             lr = finetune_lr(cfg)
             if lr is not None:
                 model.hparams.optimizer["lr"] = lr.value
@@ -123,7 +127,9 @@ def train(cfg: DictConfig) -> dict:
 
     log.info("training %s on %s", cfg.model.name, trainer.accelerator.__class__.__name__)
     with ddp_job("captcha_lit.train", out_dir):
-        fit_metrics, test_metrics = _fit_and_test(cfg, trainer, model, datamodule, ckpt_path, out_dir)
+        fit_metrics, test_metrics = _fit_and_test(cfg, trainer, model, datamodule, ckpt_path, out_dir, start_weights)
+    if fit_metrics.get("finetune") is not None:
+        recipe["finetune"] = fit_metrics.pop("finetune").to_dict()
     ckpt_cb = trainer.checkpoint_callback
     best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     last = Path(out_dir) / "checkpoints" / "last.ckpt"  # callbacks.last_checkpoint's, every epoch
@@ -180,7 +186,9 @@ def _check_resumable(ckpt_path: str, model, explicit: bool) -> None:
 
 
 def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_path: str | None,
-                  out_dir: str) -> tuple[dict, dict]:
+                  out_dir: str, start_weights: dict | None = None) -> tuple[dict, dict]:
+    """Fit, then calibrate and test the best checkpoint. ``start_weights``: the weights a fine-tune started
+    from, kept as the best where they read the validation split better than it."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.interrupted:
         ckpt = Path(out_dir) / "checkpoints"
@@ -196,6 +204,11 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_p
         if timeline is not None and timeline.points:
             fit_metrics.setdefault("val/seq_acc", timeline.points[-1].get("val/seq_acc"))
     test_metrics: dict = {}
+    if start_weights is not None:
+        choice = keep_better_start(trainer, model, datamodule, start_weights)
+        fit_metrics["finetune"] = choice
+        if choice is not None and choice.value != "fine-tuned":
+            fit_metrics["val/seq_acc_best"] = float(trainer.checkpoint_callback.best_model_score)
     ckpt_cb = trainer.checkpoint_callback
     best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     if cfg.get("calibrate") and best_ckpt:

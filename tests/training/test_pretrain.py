@@ -71,6 +71,7 @@ def test_enough_labels_train_from_scratch(tmp_path, cache_dir):
     metrics = _run(tmp_path, cache_dir, "many", "pretraining.max_labels=20", *TINY_PRETRAINING)
     assert metrics["recipe"]["pretrain"]["value"] == "none"
     assert "33 training labels >= pretraining.max_labels=20" in metrics["recipe"]["pretrain"]["reason"]
+    assert "finetune" not in metrics["recipe"]  # nothing to fine-tune from
 
 
 def test_generated_training_data_is_never_pretrained(tmp_path, cache_dir):
@@ -109,3 +110,35 @@ def test_the_fine_tune_averages_its_weights_and_the_pretraining_run_does_not(tmp
     pre = pretraining_config(cfg, scheme, ["font.ttf"], str(tmp_path / "pre"))
     assert set(pre.callbacks) == {"model_checkpoint", "last_checkpoint"}
     assert pre.callbacks.model_checkpoint.monitor == "val/seq_acc"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("readings", "kept"), [((0.25, 0.75), True), ((0.75, 0.25), False)])
+def test_a_fine_tune_that_reads_validation_worse_than_its_start_keeps_the_start(tmp_path, cache_dir, monkeypatch,
+                                                                                 readings, kept):
+    from captcha_lit.training import finetune
+
+    accuracies, images_read = iter(readings), []
+
+    def read(module, images, truths):  # the fine-tune's best checkpoint first, then the starting weights
+        images_read.append(len(images))
+        return next(accuracies)
+
+    monkeypatch.setattr(finetune, "_val_seq_acc", read)
+    metrics = _run(tmp_path, cache_dir, "kept" if kept else "tuned", *TINY_PRETRAINING)
+    choice = metrics["recipe"]["finetune"]
+    assert choice["reason"].startswith(
+        f"val seq acc {readings[1]:.4f} before the fine-tune, {readings[0]:.4f} at its best checkpoint")
+    assert len(images_read) == 2 and images_read[0] == images_read[1] > 0  # the whole validation split, twice
+    best = Path(metrics["best_ckpt"])
+    if not kept:
+        assert choice["value"] == "fine-tuned" and best.name.startswith("epoch")
+        return
+    assert choice["value"] == "kept the starting weights" and best.name == "start-seq_acc0.7500.ckpt"
+    assert metrics["val/seq_acc_best"] == 0.75 and "test/seq_acc" in metrics  # tested on the starting weights
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    pretrained = torch.load(metrics["recipe"]["pretrain"]["value"], map_location="cpu", weights_only=True)
+    assert state["state_dict"].keys() == pretrained["state_dict"].keys()
+    assert all(torch.equal(state["state_dict"][key], pretrained["state_dict"][key]) for key in state["state_dict"])
+    # Calibrated like any best checkpoint: the temperature is in its spec.
+    assert state["hyper_parameters"]["spec"]["temperature"] == metrics["calibration"]["temperature"]
