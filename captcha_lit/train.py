@@ -205,10 +205,10 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_p
             fit_metrics.setdefault("val/seq_acc", timeline.points[-1].get("val/seq_acc"))
     test_metrics: dict = {}
     if start_weights is not None:
-        choice = keep_better_start(trainer, model, datamodule, start_weights)
+        choice, kept_acc = keep_better_start(trainer, model, datamodule, start_weights)
         fit_metrics["finetune"] = choice
-        if choice is not None and choice.value != "fine-tuned":
-            fit_metrics["val/seq_acc_best"] = float(trainer.checkpoint_callback.best_model_score)
+        if kept_acc is not None:
+            fit_metrics["val/seq_acc_best"] = kept_acc
     ckpt_cb = trainer.checkpoint_callback
     best_ckpt = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     if cfg.get("calibrate") and best_ckpt:

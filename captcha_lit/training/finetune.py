@@ -5,7 +5,8 @@ A run that starts from trained weights (``pretrain=auto`` or ``PATH``, ``init_fr
 them on its labels. Where the pre-training already matches the scheme well, a few dozen labels
 can pull the model away from what it read: its validation accuracy falls from the first epoch
 on, and every checkpoint the fine-tune saves reads worse than the weights it started from. The
-best checkpoint and the starting weights are read on the validation split in the same way; the
+best checkpoint and the starting weights are read on the validation split in the same way (by
+whole-text accuracy, what the run is for, whatever metric chose the checkpoint); the
 starting weights are kept, as the run's best checkpoint, only when they read strictly better.
 """
 
@@ -35,19 +36,21 @@ def _val_seq_acc(module, images: np.ndarray, truths: list[str]) -> float:
     return float(np.mean([text == truth for text, truth in zip(texts, truths)])) if truths else 0.0
 
 
-def keep_better_start(trainer, module, datamodule, start: dict[str, torch.Tensor]) -> Choice | None:
+def keep_better_start(trainer, module, datamodule,
+                      start: dict[str, torch.Tensor]) -> tuple[Choice | None, float | None]:
     """After the fit: make the starting weights the run's best checkpoint where they read the
-    validation split better than the fine-tune's best -> the choice and its reason (``None``
-    where there is nothing to compare: no best checkpoint, or several processes)."""
+    validation split better than the fine-tune's best -> (the choice and its reason, the starting
+    weights' val seq acc where they were kept); ``(None, None)`` where there is nothing to
+    compare: no best checkpoint, or several processes."""
     from captcha_lit.training.checkpoints import load_module
 
     callback = trainer.checkpoint_callback
     best = callback.best_model_path if callback is not None else ""
     if not best or trainer.world_size > 1:
-        return None
+        return None, None
     dataset = datamodule.datasets.get("val")
     if dataset is None or len(dataset) == 0:
-        return None
+        return None, None
     images, truths = np.asarray(dataset.images[np.arange(len(dataset))]), list(dataset.texts)
     tuned, state = load_module(best)
     tuned_acc = _val_seq_acc(tuned, images, truths)
@@ -56,7 +59,7 @@ def keep_better_start(trainer, module, datamodule, start: dict[str, torch.Tensor
     start_acc = _val_seq_acc(module, images, truths)
     compared = f"val seq acc {start_acc:.4f} before the fine-tune, {tuned_acc:.4f} at its best checkpoint"
     if start_acc <= tuned_acc:
-        return Choice("fine-tuned", compared)
+        return Choice("fine-tuned", compared), None
     path = Path(best).with_name(f"start-seq_acc{start_acc:.4f}.ckpt")
     state["state_dict"] = start
     state.pop("current_model_state", None)  # the weight average's raw weights belong to the fine-tune
@@ -64,12 +67,11 @@ def keep_better_start(trainer, module, datamodule, start: dict[str, torch.Tensor
         # Testing restores the checkpoint callback's state from the file: it must name this file.
         if isinstance(callback_state, dict) and callback_state.get("best_model_path") == best:
             callback_state["best_model_path"] = str(path)
-            callback_state["best_model_score"] = torch.tensor(start_acc)
     partial = path.with_name(f".{path.name}.partial")
     torch.save(state, partial)
     os.replace(partial, path)
+    # The monitored score stays the fine-tune's: the starting weights were never scored on it.
     callback.best_model_path = str(path)
-    callback.best_model_score = torch.tensor(start_acc)
     choice = Choice("kept the starting weights", f"{compared}: the fine-tune read worse, so {path.name} is the best")
     log.info("fine-tune -> %s: %s", choice.value, choice.reason)
-    return choice
+    return choice, start_acc
