@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NONE, AUTO = "none", "auto"
 # Bumped when the pre-training procedure changes in a way its cache key does not see.
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 # The captcha package draws its default font sizes for a 60-pixel-high canvas.
 PACKAGE_CANVAS_HEIGHT = 60
 PACKAGE_FONT_SIZES = (42, 50, 56)
@@ -186,17 +186,49 @@ def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     log.info("pre-training on generated CAPTCHAs of the scheme into %s", folder)
+    max_rounds, floor = pretraining_rounds(cfg.pretraining)
     try:
-        metrics = train(pretraining_config(cfg, scheme, fonts, str(tmp / "run")))
-        best = metrics.get("best_ckpt") or metrics.get("last_ckpt")
+        best, accuracy = None, 0.0
+        for round_number in range(1, max_rounds + 1):
+            pre = pretraining_config(cfg, scheme, fonts, str(tmp / f"run{round_number}"))
+            if best is not None:
+                with open_dict(pre):
+                    pre.init_from = best
+            metrics = train(pre)
+            best = metrics.get("best_ckpt") or metrics.get("last_ckpt")
+            accuracy = metrics.get("val/seq_acc_best") or 0.0
+            if accuracy >= floor or round_number == max_rounds:
+                break
+            # A hard scheme (many classes, long texts, small glyphs) can spend a whole round in CTC's
+            # blank-only phase; fine-tuning from that is fine-tuning from nothing.
+            log.info("pre-training round %d read %.4f of its generated validation images, under "
+                     "pretraining.min_val_seq_acc=%g: another round of %d epochs continues from it",
+                     round_number, accuracy, floor, int(cfg.pretraining.epochs))
+        if accuracy < floor:
+            log.warning("pre-training read only %.4f of its generated validation images after %d round(s) "
+                        "(pretraining.min_val_seq_acc=%g); the fine-tune starts from it anyway. Raise "
+                        "pretraining.max_rounds or pretraining.epochs for this scheme", accuracy, max_rounds, floor)
         shutil.copyfile(best, tmp / "model.ckpt")
-        meta = {"fields": fields, "val/seq_acc_best": metrics.get("val/seq_acc_best"),
+        meta = {"fields": fields, "val/seq_acc_best": accuracy, "rounds": round_number,
                 "wall_time_s": round(time.time() - start, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(tmp / "run")
+        for run in tmp.glob("run*"):
+            shutil.rmtree(run)
         os.rename(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("pre-trained in %.0f s: val seq acc %.4f on generated CAPTCHAs", time.time() - start,
-             metrics.get("val/seq_acc_best") or 0.0)
+    log.info("pre-trained in %.0f s (%d round(s)): val seq acc %.4f on generated CAPTCHAs", time.time() - start,
+             round_number, accuracy)
+
+
+def pretraining_rounds(plan) -> tuple[int, float]:
+    """``(pretraining.max_rounds, pretraining.min_val_seq_acc)``: the pre-training repeats its epochs, each
+    round from the last one's best weights, while it reads less than that of its validation images."""
+    rounds = plan.get("max_rounds", 1)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"pretraining.max_rounds={rounds!r}: a whole number of rounds, at least 1")
+    floor = plan.get("min_val_seq_acc", 0.0)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+        raise ValueError(f"pretraining.min_val_seq_acc={floor!r}: a sequence accuracy in [0, 1] (0: one round)")
+    return rounds, float(floor)

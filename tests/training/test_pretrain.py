@@ -19,7 +19,7 @@ TINY_FOLDER = FIXTURES / "tiny_folder"  # 48 labeled 120x40 RGB CAPTCHAs, 4-6 ch
 SMALL = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "data.batch_size=8",
          "data.train_samples_per_epoch=null", "trainer.max_epochs=1", "trainer.max_steps=-1", "trainer.min_steps=null"]
 TINY_PRETRAINING = ["pretraining.num_train=64", "pretraining.num_val=16", "pretraining.epochs=1",
-                    "pretraining.batch_size=16"]
+                    "pretraining.batch_size=16", "pretraining.max_rounds=1"]
 
 
 def _run(tmp_path: Path, cache_dir: Path, name: str, *overrides: str) -> dict:
@@ -142,3 +142,39 @@ def test_a_fine_tune_that_reads_validation_worse_than_its_start_keeps_the_start(
     assert all(torch.equal(state["state_dict"][key], pretrained["state_dict"][key]) for key in state["state_dict"])
     # Calibrated like any best checkpoint: the temperature is in its spec.
     assert state["hyper_parameters"]["spec"]["temperature"] == metrics["calibration"]["temperature"]
+
+
+@pytest.mark.slow
+def test_a_pretraining_that_reads_under_its_floor_continues_from_its_best_weights(tmp_path, cache_dir, monkeypatch):
+    import captcha_lit.train as train_module
+
+    starts = []
+    real_train = train_module.train
+
+    def recording_train(cfg):
+        if cfg.data.source == "synthetic":
+            starts.append(cfg.get("init_from"))
+        return real_train(cfg)
+
+    monkeypatch.setattr(train_module, "train", recording_train)
+    # No tiny pre-training reads every generated image, so a floor of 1.0 asks for every round.
+    result = _run(tmp_path, cache_dir, "rounds", *TINY_PRETRAINING, "pretraining.max_rounds=2",
+                  "pretraining.min_val_seq_acc=1.0")
+    meta = json.loads((Path(result["recipe"]["pretrain"]["value"]).parent / "meta.json").read_text())
+    assert meta["rounds"] == 2 and meta["val/seq_acc_best"] < 1.0
+    assert starts[0] is None and starts[1] is not None and "run1" in starts[1]  # round 2 starts from round 1's best
+    assert len(starts) == 2
+
+    starts.clear()
+    _run(tmp_path, cache_dir / "other", "one_round", *TINY_PRETRAINING, "pretraining.max_rounds=3",
+         "pretraining.min_val_seq_acc=0")
+    assert starts == [None]  # every round reads at least 0: one is enough
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretraining.max_rounds=0", "pretraining.max_rounds=0"),
+    ("pretraining.min_val_seq_acc=1.5", "pretraining.min_val_seq_acc=1.5"),
+])
+def test_bad_pretraining_rounds_are_named(tmp_path, cache_dir, override, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        _run(tmp_path, cache_dir, "bad", *TINY_PRETRAINING, override)
