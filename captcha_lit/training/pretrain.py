@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 NONE, AUTO = "none", "auto"
 # Bumped when the pre-training procedure changes in a way its cache key does not see.
-PRETRAIN_VERSION = 3
+PRETRAIN_VERSION = 2
 # The captcha package draws its default font sizes for a 60-pixel-high canvas.
 PACKAGE_CANVAS_HEIGHT = 60
 PACKAGE_FONT_SIZES = (42, 50, 56)
@@ -137,6 +137,7 @@ def pretrained_checkpoint(cfg: DictConfig, datamodule) -> tuple[str | None, Choi
     if plan is None:
         raise ValueError("pretrain=auto needs the pretraining settings of the folder recipe (data=folder), "
                          "or pass pretrain=none")
+    rounds = pretraining_rounds(plan)  # checked before the cache answers, so a bad value never goes unseen
     labels = len(datamodule.files["train"])
     if labels >= int(plan.max_labels):
         return None, Choice(NONE, f"{labels} training labels >= pretraining.max_labels={plan.max_labels}: "
@@ -158,7 +159,7 @@ def pretrained_checkpoint(cfg: DictConfig, datamodule) -> tuple[str | None, Choi
         return str(checkpoint), Choice(str(checkpoint), reason + " (cached)")
     with cache.file_lock(build_lock(folder)):
         if not checkpoint.is_file():
-            _build(cfg, scheme, fonts, fields, folder)
+            _build(cfg, scheme, fonts, fields, folder, rounds)
     return str(checkpoint), Choice(str(checkpoint), reason)
 
 
@@ -179,14 +180,15 @@ def finetune_lr(cfg: DictConfig) -> Choice | None:
                              f"{cfg.optimizer.lr})")
 
 
-def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder: Path) -> None:
+def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder: Path,
+           rounds: tuple[int, float]) -> None:
     from captcha_lit.train import train
 
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     log.info("pre-training on generated CAPTCHAs of the scheme into %s", folder)
-    max_rounds, floor = pretraining_rounds(cfg.pretraining)
+    max_rounds, floor = rounds
     try:
         best, accuracy = None, 0.0
         for round_number in range(1, max_rounds + 1):
