@@ -146,15 +146,21 @@ def test_tiny_audit_is_interrupted_continues_and_writes_its_report(tmp_path, cac
     out = tmp_path / "audit"
     runs = out / "runs"
     first, second = runs / "labels=10,seed=42", runs / f"labels={NUM_TRAIN},seed=42"
-    # 10 epochs of 30 steps: the second point's first epoch ends seconds before its run does, time enough
-    # to see it and stop the audit on a loaded machine.
-    command = _audit_command(out, cache_dir, f"trainer.max_steps={INTERRUPTED_STEPS}")
+    markers = tmp_path / "hold"
+    # The second point holds after its first epoch (tests/studies/hold_second_run.py) until interrupted.
+    command = _audit_command(out, cache_dir, f"trainer.max_steps={INTERRUPTED_STEPS}",
+                             "+callbacks.hold._target_=tests.studies.hold_second_run.HoldTheSecondRun",
+                             f"+callbacks.hold.marker_dir={markers}")
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    # Stop it once the second point has finished an epoch but not the run.
-    while not (second / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+    deadline = time.time() + 600
+    while not (markers / "holding").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    if not (markers / "holding").exists():
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the audit's second run never reached its second epoch\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    assert (second / "checkpoints" / "last.ckpt").is_file()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"{stdout[-2000:]}\n{stderr[-3000:]}"
