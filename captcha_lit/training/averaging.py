@@ -10,6 +10,8 @@ continues both exactly.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
@@ -41,8 +43,40 @@ class EMA(WeightAveraging):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
             raise ValueError(f"callbacks.ema.decay={decay!r}: use a number in (0, 1), e.g. 0.999 "
                              "(or callbacks.ema=null for no averaging)")
-        super().__init__(use_buffers=True, multi_avg_fn=ema_multi_avg_fn(float(decay), bool(warmup)))
+        self._update = ema_multi_avg_fn(float(decay), bool(warmup))
+        super().__init__(use_buffers=True, multi_avg_fn=self._update)
         self.decay = float(decay)
+        self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._pairs = None  # paired again below: a resume or a new fit may have built new modules
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # AveragedModel.update_parameters walks both modules, detaches and regroups their tensors
+        # on every step: about 2% of a small model's CPU step. The tensors stay the same objects
+        # (validation's swaps and checkpoint loads copy values into them), so they are paired
+        # once an epoch and averaged with the same update function.
+        average = self._average_model
+        step = trainer.global_step
+        if average is None or step <= self._latest_update_step or not self.should_update(step_idx=step - 1):
+            return
+        if int(average.n_averaged) == 0:  # the first update copies the weights: AveragedModel's own path
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if self._pairs is None:
+            averaged = [t.detach() for t in itertools.chain(average.module.parameters(), average.module.buffers())]
+            current = [t.detach() for t in itertools.chain(pl_module.parameters(), pl_module.buffers())]
+            if len(averaged) != len(current) or any(a.device != c.device for a, c in zip(averaged, current)):
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+                return
+            floats = [i for i, a in enumerate(averaged) if torch.is_floating_point(a)]
+            others = [i for i, a in enumerate(averaged) if not torch.is_floating_point(a)]
+            self._pairs = [([averaged[i] for i in group], [current[i] for i in group])
+                           for group in (floats, others) if group]
+        for averaged, current in self._pairs:
+            self._update(averaged, current, average.n_averaged)
+        average.n_averaged += 1
+        self._latest_update_step = step
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Only a resumed fit restores the raw weights beside the average. Testing or validating a

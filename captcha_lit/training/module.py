@@ -171,7 +171,9 @@ class CaptchaModule(L.LightningModule):
             metrics["cer"].update(preds, truths)
         on_step = stage == "train"
         for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, on_step=on_step and name == "loss", on_epoch=True,
+            if on_step and name != "loss":
+                continue  # once an epoch (on_train_epoch_end): each self.log costs more than its metric's update
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True,
                      prog_bar=name in ("loss", "seq_acc"), batch_size=images.shape[0])
         return loss, preds, decoded
 
@@ -229,6 +231,12 @@ class CaptchaModule(L.LightningModule):
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        for name, metric in self.train_metrics.items():
+            if name != "loss" and metric.update_called:
+                self.log(f"train/{name}", metric.compute(), prog_bar=name == "seq_acc")
+                metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -49,3 +49,35 @@ def test_callbacks_ema_null_trains_without_an_average(make_cfg):
     metrics = train(make_cfg("train", SMALL + ["trainer.max_epochs=1", "callbacks.ema=null"], name="plain"))
     state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
     assert "current_model_state" not in state
+
+
+def test_the_per_step_update_matches_averaged_models_own():
+    # EMA.on_train_batch_end pairs the tensors once an epoch instead of walking the modules every step;
+    # it must leave the same average (weights and batch-norm buffers) as AveragedModel.update_parameters.
+    from types import SimpleNamespace
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    net(torch.randn(2, 1, 8, 8))
+    ema = EMA(decay=0.9)
+    ema._average_model = AveragedModel(net, use_buffers=True, multi_avg_fn=ema._update)
+    reference = AveragedModel(net, use_buffers=True, multi_avg_fn=ema_multi_avg_fn(0.9, warmup=True))
+    trainer = SimpleNamespace(global_step=0)
+    ema.on_train_epoch_start(trainer, net)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(4, 1, 8, 8))  # training mode: batch norm's running statistics and count move
+        trainer.global_step = step
+        ema.on_train_batch_end(trainer, net, None, None, step)
+        ema.on_train_batch_end(trainer, net, None, None, step)  # once per optimizer step
+        reference.update_parameters(net)
+    assert int(ema._average_model.n_averaged) == int(reference.n_averaged) == 5
+    ours, theirs = ema._average_model.module.state_dict(), reference.module.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.allclose(ours[key].float(), theirs[key].float()), key
+    assert not torch.allclose(ours["0.weight"], net.state_dict()["0.weight"])  # an average, not the weights
