@@ -176,8 +176,8 @@ def finetune_lr(cfg: DictConfig) -> Choice | None:
         return None
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"pretraining.finetune_lr={lr!r}: a positive learning rate, or null to keep optimizer.lr")
-    return Choice(float(lr), f"pretraining.finetune_lr: a pre-trained model is fine-tuned gently (optimizer.lr is "
-                             f"{cfg.optimizer.lr})")
+    return Choice(float(lr), f"pretraining.finetune_lr: the rate that fine-tunes a pre-trained model (optimizer.lr "
+                             f"is {cfg.optimizer.lr})")
 
 
 def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder: Path,

@@ -53,7 +53,7 @@ def test_auto_pretrains_on_the_scheme_once_and_the_next_run_reuses_it(tmp_path, 
     for key in ("test/loss", "test/seq_acc", "val/seq_acc_best", "global_step"):
         assert second[key] == first[key], key
     # The fine-tuning runs at pretraining.finetune_lr, and the pre-trained model is reused at any other.
-    assert first["recipe"]["optimizer.lr"]["value"] == 3.0e-4
+    assert first["recipe"]["optimizer.lr"]["value"] == 1.0e-3
     assert "pretraining.finetune_lr" in first["recipe"]["optimizer.lr"]["reason"]
     third = _run(tmp_path, cache_dir, "third", *TINY_PRETRAINING, "pretraining.finetune_lr=1e-4")
     assert third["recipe"]["pretrain"]["value"] == str(checkpoint) and third["recipe"]["optimizer.lr"]["value"] == 1e-4
