@@ -171,7 +171,10 @@ def train_command(fixed: Sequence[str], todo: Sequence[Point], axes: Sequence[tu
             f"hydra.sweep.subdir={override_value(subdir_pattern(axes))}", *sweep, *launcher]
 
 
-def _die_with_parent() -> None:
+def _start_run() -> None:
+    # The runs must take the SIGINT that _stop sends them even when the audit was started with SIGINT
+    # ignored (a background job of a non-interactive shell), which exec would otherwise pass on.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     # A killed audit must not leave its training runs behind: a re-run would race them for the same folders.
     if sys.platform.startswith("linux"):
         import ctypes
@@ -198,7 +201,7 @@ def run_grid(command: Sequence[str], points: Sequence[Point], sweep_dir: Path, l
     with open(log_path, "ab") as output, tqdm(total=len(points), initial=finished(), desc="audit", dynamic_ncols=True,
                                               bar_format=BAR_FORMAT) as bar:
         proc = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_start_run)
         ticking = hasattr(bar.fp, "isatty") and bar.fp.isatty()
         try:
             while proc.poll() is None:

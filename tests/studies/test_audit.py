@@ -151,8 +151,10 @@ def test_tiny_audit_is_interrupted_continues_and_writes_its_report(tmp_path, cac
     command = _audit_command(out, cache_dir, f"trainer.max_steps={INTERRUPTED_STEPS}",
                              "+callbacks.hold._target_=tests.studies.hold_second_run.HoldTheSecondRun",
                              f"+callbacks.hold.marker_dir={markers}")
+    # SIGINT as a terminal's Ctrl-C delivers it, even where pytest runs as a background job (which ignores it).
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     while not (markers / "holding").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
