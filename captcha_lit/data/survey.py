@@ -23,7 +23,8 @@ SURVEY_SAMPLE = 200
 # and an image is gray when under 1% of its pixels are colored.
 COLOR_DIFFERENCE = 24
 COLORED_PIXEL_FRACTION = 0.01
-# The model heights the recipe picks from (the CRNNs pool the height by 16), by the images' height.
+# The model heights the recipe picks from, by the images' height: crnn_classic pools the height by 16,
+# crnn by 32 (its strided stages round up, so 48 leaves it 2 rows).
 MODEL_HEIGHTS = ((64, 32), (96, 48))  # (images lower than this, height); taller images get 64
 TALLEST_MODEL_HEIGHT = 64
 # Inputs wider than this many times their height are cut to it (very long strips).

@@ -55,7 +55,8 @@ class EMA(WeightAveraging):
         # AveragedModel.update_parameters walks both modules, detaches and regroups their tensors
         # on every step: about 2% of a small model's CPU step. The tensors stay the same objects
         # (validation's swaps and checkpoint loads copy values into them), so they are paired
-        # once an epoch and averaged with the same update function.
+        # once an epoch and averaged with the same update function. The average is a deep copy of the
+        # module on its device, so the two lists pair one to one.
         average = self._average_model
         step = trainer.global_step
         if average is None or step <= self._latest_update_step or not self.should_update(step_idx=step - 1):
@@ -66,9 +67,6 @@ class EMA(WeightAveraging):
         if self._pairs is None:
             averaged = [t.detach() for t in itertools.chain(average.module.parameters(), average.module.buffers())]
             current = [t.detach() for t in itertools.chain(pl_module.parameters(), pl_module.buffers())]
-            if len(averaged) != len(current) or any(a.device != c.device for a, c in zip(averaged, current)):
-                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-                return
             floats = [i for i, a in enumerate(averaged) if torch.is_floating_point(a)]
             others = [i for i, a in enumerate(averaged) if not torch.is_floating_point(a)]
             self._pairs = [([averaged[i] for i in group], [current[i] for i in group])
