@@ -26,11 +26,11 @@ from omegaconf import DictConfig
 from captcha_lit.training.builders import build_datamodule, build_module, build_trainer, to_plain
 from captcha_lit.training.budget import settle_training_length
 from captcha_lit.training.checkpoints import check_resume_checkpoint, init_from_checkpoint
-from captcha_lit.training.pretrain import finetune_lr, pretrain_mode, pretrained_checkpoint
+from captcha_lit.training.pretrain import finetune_lr, finetune_pull, pretrain_mode, pretrained_checkpoint
 from captcha_lit.training.calibration import calibrate_checkpoint
 from captcha_lit.training.callbacks import RunTimeline, written_files
 from captcha_lit.training.distributed import ddp_job
-from captcha_lit.training.finetune import keep_better_start, snapshot
+from captcha_lit.training.finetune import PullToStart, keep_better_start, snapshot
 from captcha_lit.training.resume import resume_point
 from captcha_lit.training.selftrain import self_train
 from captcha_lit.utils import (check_model_path, entry_point, flatten, machine_description, output_dir, run_cores,
@@ -86,6 +86,9 @@ def train(cfg: DictConfig) -> dict:
         write_json(Path(out_dir) / "bad_files.json", datamodule.bad_files)
         log.warning("left out %d bad file(s); see %s", len(datamodule.bad_files), Path(out_dir) / "bad_files.json")
     start_weights = None  # the weights a fine-tune starts from
+    # A resumed fine-tune gets its pull (and the weights it pulls toward) back from the checkpoint.
+    strength = finetune_pull(cfg)
+    pull = PullToStart(strength.value) if ckpt_path and strength is not None else None
     if cfg.get("init_from"):
         if pretrain_mode(cfg) not in ("none", "auto"):
             raise ValueError(f"init_from={cfg.init_from} and pretrain={cfg.pretrain} both name a checkpoint to start "
@@ -105,6 +108,12 @@ def train(cfg: DictConfig) -> dict:
                 model.hparams.optimizer["lr"] = lr.value
                 recipe["optimizer.lr"] = lr.to_dict()
                 log.info("optimizer.lr -> %s: %s", lr.value, lr.reason)
+            strength = finetune_pull(cfg)
+            if strength is not None:
+                trained = {name for name, p in model.named_parameters() if p.requires_grad}
+                pull = PullToStart(strength.value, {k: v for k, v in start_weights.items() if k in trained})
+                recipe["pretraining.finetune_pull"] = strength.to_dict()
+                log.info("pretraining.finetune_pull -> %s: %s", strength.value, strength.reason)
             # A run that built the pre-trained model and one that found it cached continue alike.
             if cfg.get("seed") is not None:
                 L.seed_everything(int(cfg.seed), workers=True)
@@ -114,6 +123,8 @@ def train(cfg: DictConfig) -> dict:
 
     timeline = RunTimeline(start_time=start)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [timeline]
+    if pull is not None:  # first: the weight average then takes in the pulled weights
+        callbacks.insert(0, pull)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                        enable_autolog_hparams=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from captcha_lit.data.survey import Choice
 
@@ -75,3 +76,54 @@ def keep_better_start(trainer, module, datamodule,
     choice = Choice("kept the starting weights", f"{compared}: the fine-tune read worse, so {path.name} is the best")
     log.info("fine-tune -> %s: %s", choice.value, choice.reason)
     return choice, start_acc
+
+
+class PullToStart(Callback):
+    """Keeps a fine-tune near the weights it started from (L2-SP, decoupled as AdamW decouples its
+    decay): after each optimizer step, every trained weight moves ``lr * strength`` of the way
+    back to its starting value.
+
+    A few dozen real labels are memorized within a few hundred steps; after that, a free fine-tune
+    drifts away from what the pre-training taught (the generated scheme's thousands of shapes),
+    and its validation accuracy falls while the training loss keeps falling. The pull keeps what
+    the labels need and gives back the rest. The starting weights are saved in the checkpoints'
+    callback state, so a resumed fine-tune keeps pulling toward them."""
+
+    def __init__(self, strength: float, start: dict[str, torch.Tensor] | None = None):
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
+            raise ValueError(f"pretraining.finetune_pull={strength!r}: a number >= 0 (0 or null: no pull)")
+        self.strength = float(strength)
+        self.start = start  # parameter name -> its starting value; None: nothing to pull toward
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._lr = 0.0
+        self._step = -1
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._pairs = None
+        if self.start is not None and self.strength > 0:
+            trained = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+            missing = [name for name, _ in trained if name not in self.start]
+            if missing:
+                raise ValueError(f"the fine-tune's starting weights lack {missing[0]}: they belong to another network")
+            self._pairs = ([p for _, p in trained],
+                           [self.start[name].to(device=p.device, dtype=p.dtype) for name, p in trained])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # The rate this step uses: the scheduler moves it on right after the step.
+        self._lr = float(optimizer.param_groups[0]["lr"])
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._pairs is None or trainer.global_step == self._step:  # no step this batch (accumulation)
+            return
+        params, start = self._pairs
+        with torch.no_grad():
+            torch._foreach_lerp_(params, start, min(1.0, self._lr * self.strength))
+        self._step = trainer.global_step
+
+    def state_dict(self) -> dict:
+        return {"strength": self.strength, "start": self.start}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("start") is not None:
+            self.start = state_dict["start"]

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 NONE, AUTO = "none", "auto"
 # Bumped when the pre-training procedure changes in a way its cache key does not see.
 PRETRAIN_VERSION = 2
+# pretraining settings that shape only the fine-tune or whether to pre-train, not the pre-trained model
+FINETUNE_ONLY = ("max_labels", "finetune_lr", "finetune_pull")
 # The captcha package draws its default font sizes for a 60-pixel-high canvas.
 PACKAGE_CANVAS_HEIGHT = 60
 PACKAGE_FONT_SIZES = (42, 50, 56)
@@ -113,7 +115,7 @@ def _cache_fields(cfg: DictConfig, scheme: dict, fonts: list[str]) -> dict:
         # The pre-training run's own learning rate: fine-tuning at another one reuses the model.
         "optimizer": {**plain(cfg.optimizer), "lr": float(cfg.pretraining.lr)},
         "scheduler": plain(cfg.scheduler), "augmentation": plain(cfg.get("augmentation")),
-        "pretraining": {k: v for k, v in plain(cfg.pretraining).items() if k not in ("max_labels", "finetune_lr")},
+        "pretraining": {k: v for k, v in plain(cfg.pretraining).items() if k not in FINETUNE_ONLY},
         "seed": cfg.get("seed"),
         "precision": str(cfg.trainer.get("precision")),
     }
@@ -178,6 +180,17 @@ def finetune_lr(cfg: DictConfig) -> Choice | None:
         raise ValueError(f"pretraining.finetune_lr={lr!r}: a positive learning rate, or null to keep optimizer.lr")
     return Choice(float(lr), f"pretraining.finetune_lr: the rate that fine-tunes a pre-trained model (optimizer.lr "
                              f"is {cfg.optimizer.lr})")
+
+
+def finetune_pull(cfg: DictConfig) -> Choice | None:
+    """How hard a fine-tune of a pre-trained model is pulled back to its start (None: not at all)."""
+    strength = (cfg.get("pretraining") or {}).get("finetune_pull")
+    if strength is None or strength == 0:
+        return None
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
+        raise ValueError(f"pretraining.finetune_pull={strength!r}: a number >= 0 (0 or null: no pull)")
+    return Choice(float(strength), f"pretraining.finetune_pull: each step moves the weights lr x {strength} of the "
+                                   "way back to the pre-trained ones, so that few labels keep what pre-training taught")
 
 
 def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder: Path,

@@ -57,8 +57,11 @@ def test_auto_pretrains_on_the_scheme_once_and_the_next_run_reuses_it(tmp_path, 
     assert "pretraining.finetune_lr" in first["recipe"]["optimizer.lr"]["reason"]
     third = _run(tmp_path, cache_dir, "third", *TINY_PRETRAINING, "pretraining.finetune_lr=1e-4")
     assert third["recipe"]["pretrain"]["value"] == str(checkpoint) and third["recipe"]["optimizer.lr"]["value"] == 1e-4
-    kept = _run(tmp_path, cache_dir, "kept", *TINY_PRETRAINING, "pretraining.finetune_lr=null")
+    assert first["recipe"]["pretraining.finetune_pull"]["value"] == 3.0
+    kept = _run(tmp_path, cache_dir, "kept", *TINY_PRETRAINING, "pretraining.finetune_lr=null",
+                "pretraining.finetune_pull=0")
     assert "optimizer.lr" not in kept["recipe"] and kept["recipe"]["pretrain"]["value"] == str(checkpoint)
+    assert "pretraining.finetune_pull" not in kept["recipe"]
     assert sorted(cache_dir.glob("pretrained-*")) == folders
 
     scratch = _run(tmp_path, cache_dir, "scratch", "pretrain=none")
@@ -178,3 +181,46 @@ def test_a_pretraining_that_reads_under_its_floor_continues_from_its_best_weight
 def test_bad_pretraining_rounds_are_named(tmp_path, cache_dir, override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         _run(tmp_path, cache_dir, "bad", *TINY_PRETRAINING, override)
+
+
+@pytest.mark.slow
+def test_a_fine_tune_keeps_its_pretrained_start_to_pull_toward_and_a_resumed_one_gets_it_back(tmp_path, cache_dir):
+    first = _run(tmp_path, cache_dir, "first", *TINY_PRETRAINING)
+    pretrained = torch.load(first["recipe"]["pretrain"]["value"], map_location="cpu", weights_only=True)["state_dict"]
+
+    def pulled_toward(checkpoint: str) -> dict:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["callbacks"]["PullToStart"]["start"]
+
+    start = pulled_toward(first["last_ckpt"])
+    assert start and all(torch.equal(value, pretrained[key]) for key, value in start.items())
+    resumed = _run(tmp_path, cache_dir, "resumed", *TINY_PRETRAINING, "trainer.max_epochs=2",
+                   f"ckpt_path={first['last_ckpt']}")
+    assert resumed["global_step"] > first["global_step"]
+    assert all(torch.equal(value, start[key]) for key, value in pulled_toward(resumed["last_ckpt"]).items())
+
+
+def test_the_pull_moves_each_step_lr_times_strength_of_the_way_back_to_the_start():
+    from types import SimpleNamespace
+
+    from captcha_lit.training.finetune import PullToStart, snapshot
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    start = snapshot(net)
+    pull = PullToStart(2.0, start)
+    trainer = SimpleNamespace(global_step=0)
+    optimizer = SimpleNamespace(param_groups=[{"lr": 0.1}])
+    pull.on_train_epoch_start(trainer, net)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    pull.on_before_optimizer_step(trainer, net, optimizer)
+    trainer.global_step = 1
+    pull.on_train_batch_end(trainer, net, None, None, 0)
+    assert torch.allclose(net.weight, start["weight"] + 0.8)  # 0.1 x 2 of the way back
+    pull.on_train_batch_end(trainer, net, None, None, 1)  # a batch without an optimizer step: no pull
+    assert torch.allclose(net.weight, start["weight"] + 0.8)
+    restored = PullToStart(2.0)
+    restored.load_state_dict(pull.state_dict())
+    assert torch.equal(restored.start["weight"], start["weight"])
+    with pytest.raises(ValueError, match="pretraining.finetune_pull=-1"):
+        PullToStart(-1)
