@@ -108,7 +108,6 @@ def train(cfg: DictConfig) -> dict:
                 model.hparams.optimizer["lr"] = lr.value
                 recipe["optimizer.lr"] = lr.to_dict()
                 log.info("optimizer.lr -> %s: %s", lr.value, lr.reason)
-            strength = finetune_pull(cfg)
             if strength is not None:
                 trained = {name for name, p in model.named_parameters() if p.requires_grad}
                 pull = PullToStart(strength.value, {k: v for k, v in start_weights.items() if k in trained})
