@@ -78,6 +78,13 @@ def keep_better_start(trainer, module, datamodule,
     return choice, start_acc
 
 
+def pull_strength(value) -> float:
+    """``pretraining.finetune_pull`` as a number, or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"pretraining.finetune_pull={value!r}: a number >= 0 (0 or null: no pull)")
+    return float(value)
+
+
 class PullToStart(Callback):
     """Keeps a fine-tune near the weights it started from (L2-SP, decoupled as AdamW decouples its
     decay): after each optimizer step, every trained weight moves ``lr * strength`` of the way
@@ -90,9 +97,7 @@ class PullToStart(Callback):
     callback state, so a resumed fine-tune keeps pulling toward them."""
 
     def __init__(self, strength: float, start: dict[str, torch.Tensor] | None = None):
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
-            raise ValueError(f"pretraining.finetune_pull={strength!r}: a number >= 0 (0 or null: no pull)")
-        self.strength = float(strength)
+        self.strength = pull_strength(strength)
         self.start = start  # parameter name -> its starting value; None: nothing to pull toward
         self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._lr = 0.0
@@ -122,7 +127,8 @@ class PullToStart(Callback):
         self._step = trainer.global_step
 
     def state_dict(self) -> dict:
-        return {"strength": self.strength, "start": self.start}
+        # The strength comes from the config on resume, like every other setting; the start cannot.
+        return {"start": self.start}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("start") is not None:

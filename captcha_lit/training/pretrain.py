@@ -184,13 +184,14 @@ def finetune_lr(cfg: DictConfig) -> Choice | None:
 
 def finetune_pull(cfg: DictConfig) -> Choice | None:
     """How hard a fine-tune of a pre-trained model is pulled back to its start (None: not at all)."""
-    strength = (cfg.get("pretraining") or {}).get("finetune_pull")
-    if strength is None or strength == 0:
+    from captcha_lit.training.finetune import pull_strength
+
+    value = (cfg.get("pretraining") or {}).get("finetune_pull")
+    strength = None if value is None else pull_strength(value)
+    if not strength:
         return None
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
-        raise ValueError(f"pretraining.finetune_pull={strength!r}: a number >= 0 (0 or null: no pull)")
-    return Choice(float(strength), f"pretraining.finetune_pull: each step moves the weights lr x {strength} of the "
-                                   "way back to the pre-trained ones, so that few labels keep what pre-training taught")
+    return Choice(strength, f"pretraining.finetune_pull: each step moves the weights lr x {strength:g} of the "
+                            "way back to the pre-trained ones, so that few labels keep what pre-training taught")
 
 
 def _build(cfg: DictConfig, scheme: dict, fonts: list[str], fields: dict, folder: Path,
