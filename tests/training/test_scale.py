@@ -142,6 +142,24 @@ def test_ddp_two_cpu_processes_in_a_sweep(tmp_path, cache_dir, make_cfg):
     assert epoch["test/char_acc"] == pytest.approx(single["test/char_acc"], abs=1e-6)
 
 
+def _completed_trials(db: Path) -> int:
+    """Finished trials in the study file, read without writing to it.
+
+    Opening it through optuna would create its tables when they are missing, racing the search
+    that is creating them; a read-only SQLite connection creates nothing.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    if not db.is_file():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+            return conn.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # the tables are not there yet, or the search holds a write lock
+        return 0
+
+
 def _study(storage: str):
     import optuna
 
@@ -155,22 +173,20 @@ def test_optuna_study_in_sqlite_survives_a_kill_and_resumes(tmp_path, cache_dir)
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from optuna.trial import TrialState
 
-    storage = f"sqlite:///{tmp_path / 'db' / 'study.db'}"
+    db = tmp_path / "db" / "study.db"
+    storage = f"sqlite:///{db}"
     args = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'sweep'}",
             "debug=fast", "logger=csv", f"hparams_search.storage={storage}"]
     cmd = [PYTHON, "-m", "captcha_lit.train", *args, f"data.cache_dir={cache_dir}", *TINY]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "search.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "the search ended before it could be killed"
-            assert time.time() < deadline, "no trial finished in time"
-            try:
-                if any(t.state == TrialState.COMPLETE for t in _study(storage).trials):
-                    break
-            except Exception:  # noqa: BLE001 - the study is not created yet
-                pass
+        while not _completed_trials(db):
+            assert proc.poll() is None, f"the search ended before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no trial finished in time:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
