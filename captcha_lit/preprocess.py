@@ -161,6 +161,12 @@ def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[
 
 def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32, scaled to [0, 1] then normalized (C = len(mean))."""
-    x = batch_hwc.astype(np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    # One multiply and one add into the output layout: (x / 255 - mean) / std is x * scale + shift.
+    # Three passes over float copies cost a quarter of an int8 model's time at batch 256.
+    std = np.asarray(std, dtype=np.float32)
+    scale = (np.float32(1.0 / 255.0) / std).reshape(1, -1, 1, 1)
+    shift = (-np.asarray(mean, dtype=np.float32) / std).reshape(1, -1, 1, 1)
+    out = np.empty((batch_hwc.shape[0], batch_hwc.shape[3], *batch_hwc.shape[1:3]), dtype=np.float32)
+    np.multiply(batch_hwc.transpose(0, 3, 1, 2), scale, out=out, casting="unsafe")
+    out += shift
+    return out

@@ -70,3 +70,21 @@ def test_bad_quantize_settings_are_clear_errors(make_cfg, tiny_checkpoints, tmp_
         _export(make_cfg, tmp_path, tiny_checkpoints["crnn"], "quantize=int4")
     with pytest.raises(ValueError, match=r"int8.min_text_agreement=1.5: use a fraction in \[0, 1\]"):
         _export(make_cfg, tmp_path, tiny_checkpoints["crnn"], "int8.min_text_agreement=1.5")
+
+
+@pytest.mark.parametrize("arch", ["crnn", "cnn"])
+def test_int8_keeps_the_input_convolution_float_and_quantizes_what_lies_between_the_others(
+        make_cfg, tiny_checkpoints, tmp_path, arch):
+    _export(make_cfg, tmp_path, tiny_checkpoints[arch], "int8.min_text_agreement=0")
+    graph = onnx.load(str(tmp_path / "model.int8.onnx")).graph
+    produced_by = {output: node for node in graph.node for output in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    image = graph.input[0].name
+    first = [node for node in convs if node.input[0] == image]
+    assert len(first) == 1 and first[0].input[1] in {init.name for init in graph.initializer}  # float weights
+    others = [node for node in convs if node not in first]
+    assert others and all(produced_by[node.input[1]].op_type == "DequantizeLinear" for node in others)
+    # No float activation or pool is left between integer convolutions: past the float one, each
+    # reads a dequantized map (onnxruntime then runs it on the integers).
+    later = [node for node in graph.node if node.op_type in ("Relu", "MaxPool") and node.input[0] != first[0].output[0]]
+    assert later and all(produced_by[node.input[0]].op_type == "DequantizeLinear" for node in later)
