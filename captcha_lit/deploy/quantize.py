@@ -92,10 +92,22 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     return out_path
 
 
+# Operators that only move or copy the input's values (a model's test-time views pad, slice and
+# concatenate it), through which a convolution still reads the raw image.
+MOVES = {"Pad", "Slice", "Concat", "Reshape", "Transpose", "Identity", "Cast"}
+
+
 def input_convolutions(model) -> list[str]:
-    """Names of the convolutions that read the graph's input directly."""
-    inputs = {value.name for value in model.graph.input}
-    return [node.name for node in model.graph.node if node.op_type == "Conv" and node.input[0] in inputs]
+    """Names of the convolutions that read the graph's input, directly or through ``MOVES``."""
+    raw = {value.name for value in model.graph.input}
+    found = []
+    for node in model.graph.node:  # ONNX lists nodes in topological order
+        if node.input and node.input[0] in raw:
+            if node.op_type == "Conv":
+                found.append(node.name)
+            elif node.op_type in MOVES:
+                raw.update(node.output)
+    return found
 
 
 def compare_texts(reference, candidate, images: np.ndarray, labels: list[str]) -> dict:

@@ -29,7 +29,8 @@ if not OmegaConf.has_resolver("captcha_lit.datasets"):
 
 def register_model_configs() -> None:
     """``model=NAME`` for every registered model: its builder's options and defaults (the one source
-    of them), plus the decoding option of its kind (CTC's beam width, or per-position label smoothing)."""
+    of them), plus the decoding option of its kind (CTC's beam width, or per-position label smoothing)
+    and ``tta_shifts`` (inference averaged over views shifted sideways; ``CaptchaModule``)."""
     from hydra.core.config_store import ConfigStore
 
     from captcha_lit.models import list_models, model_decoder, model_options
@@ -40,7 +41,7 @@ def register_model_configs() -> None:
     store = ConfigStore.instance()
     for name in list_models():
         decoding = {"beam_width": beam_width} if model_decoder(name) == "ctc" else {"label_smoothing": label_smoothing}
-        store.store(group="model", name=name, node={"name": name, **model_options(name), **decoding})
+        store.store(group="model", name=name, node={"name": name, **model_options(name), **decoding, "tta_shifts": []})
 
 
 register_model_configs()
@@ -191,11 +192,12 @@ def build_module(cfg: DictConfig, datamodule=None):
     arch = model.pop("name")
     beam_width = model.pop("beam_width", 1)
     label_smoothing = model.pop("label_smoothing", 0.0)
+    tta_shifts = model.pop("tta_shifts", None) or []
     data = dict(to_plain(cfg.data))
     if datamodule is not None and hasattr(datamodule, "label_spec"):
         data.update(datamodule.label_spec())
     return CaptchaModule(
         spec=spec_from_config(arch, data, beam_width), model_kwargs=model, optimizer=to_plain(cfg.optimizer),
         scheduler=to_plain(cfg.scheduler), augmentation=to_plain(cfg.get("augmentation")) or {},
-        label_smoothing=label_smoothing,
+        label_smoothing=label_smoothing, tta_shifts=tta_shifts,
     )

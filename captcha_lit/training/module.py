@@ -26,6 +26,25 @@ from captcha_lit.training.optim import check_optim, make_optimizer
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 
+def check_tta_shifts(shifts, width: int) -> tuple[int, ...]:
+    """``model.tta_shifts``: whole numbers of pixels, not 0, each under a quarter of the input width."""
+    values = list(shifts) if isinstance(shifts, (list, tuple)) else [] if shifts is None else shifts
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v != 0 and abs(v) < width / 4 for v in values) \
+            or len(set(values)) != len(values):
+        raise ValueError(f"model.tta_shifts={values!r}: use distinct whole numbers of pixels, not 0 and each under a "
+                         f"quarter of the input width {width}, e.g. [-1,1] ([]: no test-time views)")
+    return tuple(values)
+
+
+def shifted_views_average(net: torch.nn.Module, images: torch.Tensor, shifts: tuple[int, ...]) -> torch.Tensor:
+    """Log of the class probabilities of ``net`` averaged over ``images`` and copies of them moved
+    sideways by each of ``shifts`` pixels (the edge columns repeated into the gap), in one batch."""
+    width, margin = images.shape[-1], max(abs(shift) for shift in shifts)
+    padded = F.pad(images, (margin, margin, 0, 0), mode="replicate")
+    views = [images] + [padded[..., margin - shift:margin - shift + width] for shift in shifts]
+    logits = net(torch.cat(views))
+    probs = logits.float().softmax(-1).reshape(len(views), images.shape[0], *logits.shape[1:]).mean(0)
+    return probs.clamp_min(1e-30).log()
 
 
 class CaptchaModule(L.LightningModule):
@@ -44,12 +63,14 @@ class CaptchaModule(L.LightningModule):
         augmentation: dict | None = None,
         channels_last: bool = True,
         label_smoothing: float = 0.0,
+        tta_shifts: tuple[int, ...] | list[int] = (),
     ):
         super().__init__()
         spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(dict(spec))
         if model_decoder(spec.arch) != spec.decoder:
             raise ValueError(f"spec decoder={spec.decoder!r} does not fit model {spec.arch!r}, which decodes "
                              f"{model_decoder(spec.arch)!r}")
+        tta_shifts = check_tta_shifts(tta_shifts, spec.input_size[1])
         optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
         scheduler = dict(scheduler or {"name": "none"})
         self.save_hyperparameters(
@@ -57,6 +78,7 @@ class CaptchaModule(L.LightningModule):
                 "spec": spec.to_dict(), "model_kwargs": dict(model_kwargs or {}), "optimizer": optimizer,
                 "scheduler": scheduler, "augmentation": dict(augmentation or {}),
                 "channels_last": bool(channels_last), "label_smoothing": float(label_smoothing),
+                "tta_shifts": list(tta_shifts),
             }
         )
         check_optim(optimizer, scheduler)
@@ -72,6 +94,10 @@ class CaptchaModule(L.LightningModule):
                 "trains with CTC, so leave it at 0"
             )
         self.label_smoothing = float(label_smoothing)
+        # Inference (val, test, predict and the exported graph) averages the image with copies of it
+        # moved a pixel or two sideways: a character's reading then depends less on where its strokes
+        # fall between two of the network's columns.
+        self.tta_shifts = tta_shifts
         if "in_channels" in (model_kwargs or {}):
             raise ValueError("model.in_channels is set by the data: data.grayscale=true reads 1 channel, false 3")
         # The network's classes beyond the charset: CTC's blank is the network's own; the end symbol is not.
@@ -106,9 +132,12 @@ class CaptchaModule(L.LightningModule):
         return batch
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized float images (B, C, H, W) -> logits."""
+        """Normalized float images (B, C, H, W) -> logits; with ``tta_shifts``, outside training,
+        the log of the probabilities averaged over the shifted views."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.tta_shifts and not self.training:
+            return shifted_views_average(self.net, images, self.tta_shifts)
         return self.net(images)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,25 @@ def test_int8_keeps_the_input_convolution_float_and_quantizes_what_lies_between_
     later = [node for node in graph.node if node.op_type in ("Relu", "MaxPool") and node.input[0] != first[0].output[0]]
     assert any(produced_by[node.input[0]].op_type == "DequantizeLinear" for node in later)
     assert not [node.name for node in later if produced_by[node.input[0]].op_type == "Conv"]
+
+
+def test_a_model_with_test_time_views_exports_them_and_its_int8_keeps_the_input_convolution_float(
+        make_cfg, tiny_checkpoints, tmp_path):
+    import torch
+
+    state = torch.load(tiny_checkpoints["crnn"], map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["tta_shifts"] = [-1, 1]
+    ckpt = tmp_path / "tta.ckpt"
+    torch.save(state, ckpt)
+    report = _export(make_cfg, tmp_path, ckpt, "int8.min_text_agreement=0")  # raises if ONNX and torch differ
+    fp32 = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert {"Pad", "Concat"} <= {node.op_type for node in fp32.node}  # the views are in the graph
+    module, _ = load_module(ckpt)
+    images = np.random.default_rng(0).integers(0, 256, (6, *module.spec.input_size, module.spec.channels), np.uint8)
+    with torch.no_grad():
+        expected = module.eval()(module.preprocess(torch.from_numpy(images).permute(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(Solver(tmp_path / "model.onnx").logits(images), expected, atol=1e-4)
+    graph = onnx.load(report["int8"]["model"]).graph
+    weights = {init.name for init in graph.initializer}
+    float_convs = [node.name for node in graph.node if node.op_type == "Conv" and node.input[1] in weights]
+    assert len(float_convs) == 1  # the first, reading the padded and concatenated image

@@ -156,8 +156,9 @@ def test_model_config_is_the_builders_defaults(name, make_cfg):
     from captcha_lit.training.builders import build_module
 
     cfg = make_cfg("train", [f"model={name}"])
-    options = {k: v for k, v in dict(cfg.model).items() if k not in ("name", "beam_width", "label_smoothing")}
-    assert cfg.model.name == name and options == model_options(name)
+    module_options = ("name", "beam_width", "label_smoothing", "tta_shifts")
+    options = {k: v for k, v in dict(cfg.model).items() if k not in module_options}
+    assert cfg.model.name == name and options == model_options(name) and list(cfg.model.tta_shifts) == []
     assert ("beam_width" in cfg.model) == (model_decoder(name) == "ctc")
     built = build_module(cfg).net
     assert type(built) is type(get_model(name, num_classes=1, max_length=5, input_size=(64, 160)))

@@ -190,3 +190,30 @@ def test_init_from_a_checkpoint_without_weights_is_named(tmp_path):
     torch.save({"hyper_parameters": dict(module.hparams)}, path)
     with pytest.raises(ValueError, match=r"init_from=.*no_weights.ckpt.* is not a captcha_lit checkpoint \(no state_dict\)"):
         init_from_checkpoint(module, path)
+
+
+@pytest.mark.parametrize("arch, model_kwargs", [("cnn", {"channels": [8, 16, 16, 16], "hidden": 32}),
+                                                ("crnn", {"channels": [8, 16, 16, 16], "dim": 32})])
+def test_tta_shifts_average_the_probabilities_of_views_moved_sideways(arch, model_kwargs):
+    torch.manual_seed(0)
+    module = _module(arch=arch, model_kwargs=model_kwargs, tta_shifts=[-2, 1])
+    images = torch.rand(3, 3, *INPUT)
+    padded = torch.cat([images[..., :1]] * 2 + [images] + [images[..., -1:]] * 2, dim=-1)  # edge columns repeated
+    views = [images, padded[..., 4:4 + INPUT[1]], padded[..., 1:1 + INPUT[1]]]  # moved left by 2, right by 1
+    module.eval()
+    with torch.no_grad():
+        expected = torch.stack([module.net(view).softmax(-1) for view in views]).mean(0).log()
+        got = module(images)
+        assert torch.allclose(got, expected, atol=1e-5)
+        module.train()  # training sees the image alone (the same dropout draws on both sides)
+        torch.manual_seed(1)
+        trained = module(images)
+        torch.manual_seed(1)
+        assert torch.allclose(trained, module.net(images))
+    assert module.hparams.tta_shifts == [-2, 1]
+
+
+@pytest.mark.parametrize("value", [[0], [1.5], [True], [1, 1], [24]])
+def test_bad_tta_shifts_are_named(value):
+    with pytest.raises(ValueError, match=re.escape(f"model.tta_shifts={value!r}: use distinct whole numbers")):
+        _module(tta_shifts=value)
