@@ -28,9 +28,11 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_
 
 def check_tta_shifts(shifts, width: int) -> tuple[int, ...]:
     """``model.tta_shifts``: whole numbers of pixels, not 0, each under a quarter of the input width."""
-    values = list(shifts) if isinstance(shifts, (list, tuple)) else [] if shifts is None else shifts
-    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v != 0 and abs(v) < width / 4 for v in values) \
-            or len(set(values)) != len(values):
+    values = [] if shifts is None else list(shifts) if isinstance(shifts, (list, tuple)) else shifts
+    valid = isinstance(values, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < abs(v) < width / 4 for v in values
+    ) and len(set(values)) == len(values)
+    if not valid:
         raise ValueError(f"model.tta_shifts={values!r}: use distinct whole numbers of pixels, not 0 and each under a "
                          f"quarter of the input width {width}, e.g. [-1,1] ([]: no test-time views)")
     return tuple(values)
