@@ -22,7 +22,10 @@ from captcha_lit.decoding import decode
 log = logging.getLogger(__name__)
 
 # Candidate temperatures, log-spaced: below 1 sharpens an underconfident model, above 1 softens.
-TEMPERATURES = np.exp(np.linspace(np.log(0.5), np.log(16.0), 61))
+# Down to 0.05: a model read as the average of several views (``model.tta_shifts``) is
+# underconfident, since a character that peaks one step apart in two views peaks lower in their
+# average, and it needs more sharpening than 0.5 gives.
+TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(16.0), 101))
 
 
 def log_loss(confidences: np.ndarray, right: np.ndarray) -> float:

@@ -97,3 +97,24 @@ def test_a_validation_split_read_all_right_keeps_the_softmax():
     readings = ["".join("ABCD"[k] for k in indices) for indices in decode(SPEC, logits).indices]
     temperature, report = fit_temperature(SPEC, logits, readings)  # every reading "right"
     assert temperature == 1.0 and "nothing to fit" in report["note"]
+
+
+def test_an_underconfident_model_is_sharpened_below_half():
+    """A model read as an average of views (``model.tta_shifts``) peaks low where right: the fit
+    reaches below 0.5, the bottom of the range before such models existed."""
+    rng = np.random.default_rng(1)
+    steps, classes, n = 7, SPEC.num_outputs, 600
+    logits = rng.normal(0, 0.3, (n, steps, classes))
+    truths = []
+    for i in range(n):
+        text = "".join(rng.choice(list("ABCD"), 3))
+        read = text if rng.random() < 0.97 else "ABCD"[("ABCD".index(text[0]) + 1) % 4] + text[1:]
+        path = [SPEC.blank] * steps
+        for j, char in enumerate(read):
+            path[1 + 2 * j] = "ABCD".index(char)
+        logits[i, np.arange(steps), path] += 1.0  # right 97% of the time at confidences near 0.15
+        truths.append(text)
+    temperature, report = fit_temperature(SPEC, logits.astype(np.float32), truths)
+    assert temperature < 0.5 and report["val_log_loss_after"] < report["val_log_loss_before"]
+    calibrated = SPEC.replace(temperature=temperature)
+    assert _ece(calibrated, logits, truths) < _ece(SPEC, logits, truths) / 3
