@@ -161,8 +161,8 @@ def scan_images(root: Path, extensions: Sequence[str] = IMAGE_SUFFIXES) -> list[
 
 def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32, scaled to [0, 1] then normalized (C = len(mean))."""
-    # One multiply and one add into the output layout: (x / 255 - mean) / std is x * scale + shift.
-    # Three passes over float copies cost a quarter of an int8 model's time at batch 256.
+    # (x / 255 - mean) / std is x * scale + shift: one multiply and one add straight into the output
+    # layout, instead of three passes over float copies, before every batch the runtime solves.
     std = np.asarray(std, dtype=np.float32)
     scale = (np.float32(1.0 / 255.0) / std).reshape(1, -1, 1, 1)
     shift = (-np.asarray(mean, dtype=np.float32) / std).reshape(1, -1, 1, 1)

@@ -192,7 +192,7 @@ def build_module(cfg: DictConfig, datamodule=None):
     arch = model.pop("name")
     beam_width = model.pop("beam_width", 1)
     label_smoothing = model.pop("label_smoothing", 0.0)
-    tta_shifts = model.pop("tta_shifts", None) or []
+    tta_shifts = model.pop("tta_shifts", None)
     data = dict(to_plain(cfg.data))
     if datamodule is not None and hasattr(datamodule, "label_spec"):
         data.update(datamodule.label_spec())

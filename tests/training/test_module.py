@@ -213,7 +213,15 @@ def test_tta_shifts_average_the_probabilities_of_views_moved_sideways(arch, mode
     assert module.hparams.tta_shifts == [-2, 1]
 
 
-@pytest.mark.parametrize("value", [[0], [1.5], [True], [1, 1], [24]])
+@pytest.mark.parametrize("value", [[0], [1.5], [True], [1, 1], [24], 0, "abc"])
 def test_bad_tta_shifts_are_named(value):
     with pytest.raises(ValueError, match=re.escape(f"model.tta_shifts={value!r}: use distinct whole numbers")):
         _module(tta_shifts=value)
+
+
+def test_tta_shifts_from_the_config_reach_the_check_unchanged(make_cfg):
+    from captcha_lit.training.builders import build_module
+
+    assert build_module(make_cfg("train", ["model.tta_shifts=[-1,1]"])).tta_shifts == (-1, 1)
+    with pytest.raises(ValueError, match=re.escape("model.tta_shifts=0: use distinct whole numbers")):
+        build_module(make_cfg("train", ["model.tta_shifts=0"]))  # not read as "no views"
