@@ -3,6 +3,7 @@
     python -m captcha_lit.bench                         # everything (about 2 hours on 2 cores)
     python -m captcha_lit.bench --only gen,load,throughput --repeats 5
     python -m captcha_lit.bench --only train_default --train-repeats 3
+    python -m captcha_lit.bench --only train_previous_commit --train-repeats 3  # the default of an older commit
     python -m captcha_lit.bench --only onnx --http-seconds 10
     python -m captcha_lit.bench --only parity --ckpt outputs/train/runs/<time>/checkpoints/<best>.ckpt
     python -m captcha_lit.bench --only labels --train-repeats 3  # 100/50 labels, 25 + unlabeled, vs. scratch
@@ -100,7 +101,8 @@ def _run_benchmark(key: str, args: argparse.Namespace, out_dir: Path, results: d
     if key == "hostile_load":
         return bench_hostile_load(args.http_seconds, args.http_clients)
     if key in TRAINING:
-        return bench_training(key.removeprefix("train_"), TRAINING[key].overrides, args.train_repeats, out_dir)
+        recipe = TRAINING[key]
+        return bench_training(key.removeprefix("train_"), recipe.overrides, args.train_repeats, out_dir, recipe.commit)
     if key == "ddp":
         return bench_ddp(args.train_repeats, args.ddp_samples, args.ddp_epochs, out_dir)
     if key == "stream":

@@ -27,12 +27,20 @@ class TrainingRecipe(NamedTuple):
     benchmark: str  # its name in results.csv
     overrides: list[str]
     target: str
+    commit: str | None = None  # train with this commit's code (a git worktree of it) instead of the checkout's
+
+
+# The last commit before the work of issue 28 (a faster default): its `make train`, code and
+# recipe both, is what the default's wall time is compared with.
+PREVIOUS_DEFAULT_COMMIT = "2642041"
 
 
 # --only name: recipe. Each is run from a fresh data cache, so generation is in the wall time.
 TRAINING = {
     "train_default": TrainingRecipe("train_default", [], ">= 0.99 in <= 8 min, <= 3 GB"),
     "train_previous": TrainingRecipe("train_crnn_140k", ["experiment=crnn_140k"], "the default until 2026-12-05"),
+    "train_previous_commit": TrainingRecipe("train_previous_commit", [], "the default as of its commit",
+                                            commit=PREVIOUS_DEFAULT_COMMIT),
     "train_best": TrainingRecipe("train_best", ["experiment=best"], ">= 0.995 in <= 15 min"),
     "train_cnn": TrainingRecipe("train_cnn", ["experiment=cnn"], ">= 0.98 in <= 15 min"),
     "train_varlen": TrainingRecipe("train_varlen", ["experiment=varlen"], ">= 0.97 in <= 20 min"),
@@ -58,11 +66,11 @@ def train_command(overrides: list[str]) -> str:
 
 
 def _timed_process(name: str, module: str, overrides: list[str], out_dir: Path, fresh_cache: bool,
-                   cache_dir: Path | None = None) -> dict:
-    """``python -m module`` in a subprocess, its log in ``out_dir/name.log`` and its Hydra run in
-    ``out_dir/name``; ``fresh_cache``: in a new data cache of its own, removed afterwards; else in
-    ``cache_dir`` (or the configured cache). Returns the exit code, the wall time and the peak
-    memory of its process tree."""
+                   cache_dir: Path | None = None, code_dir: Path = ROOT) -> dict:
+    """``python -m module`` of the code in ``code_dir`` in a subprocess, its log in
+    ``out_dir/name.log`` and its Hydra run in ``out_dir/name``; ``fresh_cache``: in a new data
+    cache of its own, removed afterwards; else in ``cache_dir`` (or the configured cache). Returns
+    the exit code, the wall time and the peak memory of its process tree."""
     run_dir = out_dir / name
     owned = fresh_cache
     cache_dir = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_cache_")) if fresh_cache else cache_dir
@@ -74,7 +82,8 @@ def _timed_process(name: str, module: str, overrides: list[str], out_dir: Path, 
     peak_rss = peak_pss = 0
     start = time.time()
     with open(out_dir / f"{name}.log", "w") as log_file:
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        # `python -m` puts its working directory first on sys.path: code_dir's package is the one imported.
+        process = subprocess.Popen(cmd, cwd=code_dir, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         done = threading.Event()
 
         def sample_rss():
@@ -99,15 +108,16 @@ def _timed_process(name: str, module: str, overrides: list[str], out_dir: Path, 
     return result
 
 
-def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool, cache_dir: Path | None = None) -> dict:
+def _train_run(name: str, overrides: list[str], out_dir: Path, fresh_cache: bool, cache_dir: Path | None = None,
+               code_dir: Path = ROOT) -> dict:
     """One training run (``_timed_process``) and the figures of its metrics.json."""
-    process = _timed_process(name, "captcha_lit.train", overrides, out_dir, fresh_cache, cache_dir)
+    process = _timed_process(name, "captcha_lit.train", overrides, out_dir, fresh_cache, cache_dir, code_dir)
     if "error" in process:
         return {"name": name, "error": process["error"]}
     metrics = json.loads((process["run_dir"] / "metrics.json").read_text())
 
     def val_seq_acc_at(minutes: float):
-        points = [point for point in metrics["timeline"] if point["elapsed_s"] <= minutes * 60]
+        points = [point for point in metrics.get("timeline", []) if point["elapsed_s"] <= minutes * 60]
         return points[-1]["val/seq_acc"] if points else None
 
     return {"name": name, "test_seq_acc": metrics.get("test/seq_acc"), "test_char_acc": metrics.get("test/char_acc"),
@@ -121,19 +131,55 @@ TRAINING_FIGURES = ("test_seq_acc", "test_char_acc", "wall_s", "peak_rss_gb", "p
                     *(f"val_seq_acc_at_{minutes}min" for minutes in VAL_MINUTES))
 
 
-def bench_training(name: str, overrides: list[str], repeats: int, out_dir: Path) -> dict:
+class CommitError(RuntimeError):
+    """The commit a benchmark trains with cannot be checked out."""
+
+
+def commit_worktree(commit: str) -> Path:
+    """A detached git worktree of ``commit`` of this repository in a new temporary folder
+    (``remove_worktree`` removes it)."""
+    into = Path(tempfile.mkdtemp(prefix="captcha_lit_bench_commit_")) / "code"
+    done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(into), commit],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        into.parent.rmdir()
+        raise CommitError(f"cannot check out commit {commit} of {ROOT} ({done.stderr.strip() or 'not a git clone'}); "
+                          "run the benchmark from a git clone with its history")
+    return into
+
+
+def remove_worktree(path: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def bench_training(name: str, overrides: list[str], repeats: int, out_dir: Path, commit: str | None = None) -> dict:
     """Repeat 0 is the config as shipped. The recipes are deterministic, so an identical repeat
     would only re-measure the wall time: repeat r > 0 sets ``seed`` to the shipped seed + r
-    (weights and batch order; the data and the test split keep their own seeds)."""
-    first_seed = shipped_seed(overrides)
+    (weights and batch order; the data and the test split keep their own seeds). ``commit``:
+    each run trains with that commit's code and configs, in a worktree of it made beforehand."""
     runs = []
-    for repeat in range(repeats):
-        seed = first_seed + repeat
-        run_overrides = overrides + ([f"seed={seed}"] if repeat else [])
-        run = _train_run(f"{name}_run{repeat}", run_overrides, out_dir, fresh_cache=True)
-        runs.append({**run, "seed": seed, "command": train_command(run_overrides)})
+    code_dir = ROOT
+    if commit is not None:
+        try:
+            code_dir = commit_worktree(commit)
+        except CommitError as exc:
+            runs.append({"name": f"{name}_run0", "error": str(exc)})
+    try:
+        first_seed = shipped_seed(overrides)
+        for repeat in range(repeats if not runs else 0):
+            seed = first_seed + repeat
+            run_overrides = overrides + ([f"seed={seed}"] if repeat else [])
+            run = _train_run(f"{name}_run{repeat}", run_overrides, out_dir, fresh_cache=True, code_dir=code_dir)
+            command = train_command(run_overrides)
+            if commit is not None:
+                command = f"git checkout {commit} && {command}"
+            runs.append({**run, "seed": seed, "command": command})
+    finally:
+        if code_dir != ROOT:
+            remove_worktree(code_dir)
     ok = [run for run in runs if "error" not in run]
-    summary = {"overrides": overrides, "runs": runs}
+    summary = {"overrides": overrides, "commit": commit, "runs": runs}
     accuracies = [run["test_seq_acc"] for run in ok if run.get("test_seq_acc") is not None]
     summary["test_seq_acc_range"] = [min(accuracies), max(accuracies)] if accuracies else None
     for key in TRAINING_FIGURES:

@@ -15,7 +15,7 @@ HEADER = ",".join(COLUMNS)
 
 
 def _fake_training(accuracies: dict[int, float]):
-    def fake_run(name, overrides, out_dir, fresh_cache):
+    def fake_run(name, overrides, out_dir, fresh_cache, code_dir):
         seed = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 42)
         return {"name": name, "test_seq_acc": accuracies[seed], "test_char_acc": 0.99, "wall_s": 100.0 + seed,
                 "peak_rss_gb": 1.5, "train_img_s": 800.0, "val_seq_acc_at_2min": 0.8, "val_seq_acc_at_4min": 0.85,

@@ -12,13 +12,15 @@ import sys
 import pytest
 
 from captcha_lit.bench import cli, training
+from captcha_lit.bench.common import ROOT
 from captcha_lit.bench.tables import run_table
 
 
 def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
     calls = []
 
-    def fake_run(name, overrides, out_dir, fresh_cache):
+    def fake_run(name, overrides, out_dir, fresh_cache, code_dir):
+        assert code_dir == ROOT  # the checkout's own code
         calls.append((name, overrides, fresh_cache))
         seed = next((int(o.split("=")[1]) for o in overrides if o.startswith("seed=")), 42)
         accuracy = {42: 0.97, 43: 0.96, 44: 0.98}[seed]
@@ -40,6 +42,34 @@ def test_training_repeats_differ_only_in_the_weight_seed(monkeypatch, tmp_path):
     table = run_table({"train_default": summary})
     assert "median of 3) | test seq acc | 0.9700 (seeds 42, 43, 44: 0.9600 to 0.9800)" in table
     assert "val seq acc at 2 / 4 / 6 / 10 / 15 min | 0.5000 / 0.7000 / 0.8000 / 0.9500 / n/a" in table
+
+
+def test_a_commits_recipe_trains_with_that_commits_code_in_a_worktree_removed_afterwards(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(name, overrides, out_dir, fresh_cache, code_dir):
+        committed = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:captcha_lit/train.py"],
+                                   capture_output=True, text=True, check=True).stdout
+        assert (code_dir / "captcha_lit" / "train.py").read_text() == committed
+        seen.append(code_dir)
+        return {"name": name, "test_seq_acc": 0.99, "wall_s": 700.0}
+
+    monkeypatch.setattr(training, "_train_run", fake_run)
+    summary = training.bench_training("previous_commit", [], 2, tmp_path, commit="HEAD")
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0] != ROOT and not seen[0].parent.exists()
+    assert summary["commit"] == "HEAD"
+    assert [run["command"] for run in summary["runs"]] == [
+        "git checkout HEAD && python -m captcha_lit.train", "git checkout HEAD && python -m captcha_lit.train seed=43"]
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert str(seen[0]) not in worktrees
+
+
+def test_a_commit_that_cannot_be_checked_out_is_named(tmp_path):
+    summary = training.bench_training("previous_commit", [], 1, tmp_path, commit="0" * 40)
+    assert summary["runs"][0]["error"].startswith(f"cannot check out commit {'0' * 40} of {ROOT}")
+    assert summary["median_test_seq_acc"] is None
+    assert f"| | previous_commit_run0 | FAILED: cannot check out commit {'0' * 40}" in run_table(
+        {"train_previous_commit": summary})
 
 
 def test_a_failed_training_run_is_reported_not_counted(monkeypatch, tmp_path):
