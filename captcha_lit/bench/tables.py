@@ -182,7 +182,7 @@ def _figure_text(value: str) -> str:
 def _training_figure(values: dict) -> str:
     figure = f"test seq acc {values['test_seq_acc']}, wall {values['wall_time_s']} s"
     if "peak_pss_gb" in values:  # PSS counts the pages that forked workers share with the trainer once
-        return figure + f", peak memory {values['peak_rss_gb']} GB summed RSS, {values['peak_pss_gb']} GB PSS"
+        return figure + f", peak PSS {values['peak_pss_gb']} GB (summed RSS {values['peak_rss_gb']})"
     return figure + (f", peak RSS {values['peak_rss_gb']} GB" if "peak_rss_gb" in values else "")
 
 
@@ -277,12 +277,21 @@ def _main_figures(benchmark: str, values: dict) -> str:
     return ", ".join(f"{metric} {value}" for metric, value in values.items())
 
 
+def cpu_name(machine: str) -> str:
+    """The CPU of a results row's machine ("Intel(R) Xeon(R) Processor, 2 cores, 24 GiB" -> "Intel Xeon"):
+    figures from different CPUs sit in one table, and the project's machine changes CPU between days."""
+    name = machine.split(",")[0]
+    for noise in ("(R)", "(TM)", " Processor"):
+        name = name.replace(noise, "")
+    return " ".join(name.split())
+
+
 def current_results_table(figures: dict[str, list[dict]]) -> str:
     """One line per benchmark of ``figures`` (results.current_figures): its main figures, the
-    date they were measured and the command that measures them again."""
-    lines = ["| benchmark | figure | date | command |", "|---|---|---|---|"]
+    date and CPU they were measured on and the command that measures them again."""
+    lines = ["| benchmark | figure | date, CPU | command |", "|---|---|---|---|"]
     for benchmark, rows in figures.items():
         values = {row["metric"]: _figure_text(row["value"]) for row in rows}
-        lines.append(f"| `{benchmark}` | {_main_figures(benchmark, values)} | {rows[-1]['date']} | "
-                     f"`{rows[-1]['command']}` |")
+        lines.append(f"| `{benchmark}` | {_main_figures(benchmark, values)} | {rows[-1]['date']}, "
+                     f"{cpu_name(rows[-1]['machine'])} | `{rows[-1]['command']}` |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ import pytest
 
 from captcha_lit.bench import cli, training
 from captcha_lit.bench.results import COLUMNS, git_commit
+from captcha_lit.bench.tables import cpu_name
 
 HEADER = ",".join(COLUMNS)
 
@@ -62,16 +63,19 @@ def test_a_training_benchmark_appends_a_row_per_metric_and_seed_and_the_median(m
     capsys.readouterr()
     cli.main(["--table", str(tmp_path / "results.csv")])
     table = capsys.readouterr().out.splitlines()
+    this_cpu = cpu_name(rows[0]["machine"])
+    assert this_cpu and "," not in this_cpu and "(R)" not in this_cpu
     assert table[2:] == [f"| `train_captcha_images_v2` | test seq acc 0.95, wall 142 s, peak RSS 1.5 GB | "
-                         f"{time.strftime('%Y-%m-%d')} | `python -m captcha_lit.bench --only train_v2 --train-repeats 1` |"]
+                         f"{time.strftime('%Y-%m-%d')}, {this_cpu} | "
+                         "`python -m captcha_lit.bench --only train_v2 --train-repeats 1` |"]
 
 
 SMALL_CSV = f"""{HEADER}
-train_default,test_seq_acc,0.9910,42,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.train
-train_default,test_seq_acc,0.9880,43,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.train seed=43
-train_default,test_seq_acc,0.9895,42 43,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only train_default --train-repeats 2
-train_default,wall_time_s,865,42,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.train
-train_default,wall_time_s,784,42 43,2026-12-03,aaaaaaa,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only train_default --train-repeats 2
+train_default,test_seq_acc,0.9910,42,2026-12-03,aaaaaaa,"Intel(R) Xeon(R) Processor, 2 cores, 24 GiB",python -m captcha_lit.train
+train_default,test_seq_acc,0.9880,43,2026-12-03,aaaaaaa,"Intel(R) Xeon(R) Processor, 2 cores, 24 GiB",python -m captcha_lit.train seed=43
+train_default,test_seq_acc,0.9895,42 43,2026-12-03,aaaaaaa,"Intel(R) Xeon(R) Processor, 2 cores, 24 GiB",python -m captcha_lit.bench --only train_default --train-repeats 2
+train_default,wall_time_s,865,42,2026-12-03,aaaaaaa,"Intel(R) Xeon(R) Processor, 2 cores, 24 GiB",python -m captcha_lit.train
+train_default,wall_time_s,784,42 43,2026-12-03,aaaaaaa,"Intel(R) Xeon(R) Processor, 2 cores, 24 GiB",python -m captcha_lit.bench --only train_default --train-repeats 2
 throughput,train_img_s_bf16,1400,run=0,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
 throughput,train_img_s_bf16,1445,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
 throughput,train_img_s_fp32,895,,2026-12-04,bbbbbbb,"AMD EPYC, 2 cores, 24 GiB",python -m captcha_lit.bench --only throughput --repeats 1
@@ -91,14 +95,14 @@ def test_table_prints_one_line_per_benchmark_from_the_median_rows(tmp_path, caps
     path.write_text(SMALL_CSV)
     assert cli.main(["--table", str(path)]) is None
     assert capsys.readouterr().out.splitlines() == [
-        "| benchmark | figure | date | command |",
+        "| benchmark | figure | date, CPU | command |",
         "|---|---|---|---|",
-        "| `train_default` | test seq acc 0.9895, wall 784 s | 2026-12-03 | "
+        "| `train_default` | test seq acc 0.9895, wall 784 s | 2026-12-03, Intel Xeon | "
         "`python -m captcha_lit.bench --only train_default --train-repeats 2` |",
         "| `throughput` | default: train 1445 img/s bf16, 895 fp32, inference 2384 img/s; cnn: 863, 1986 | "
-        "2026-12-04 | `python -m captcha_lit.bench --only throughput --repeats 1` |",
+        "2026-12-04, AMD EPYC | `python -m captcha_lit.bench --only throughput --repeats 1` |",
         "| `labels_captcha_images_v2_100` | 100 labels: test seq acc 0.981 pre-trained (0.962 from scratch), "
-        "ECE 0.012, 120 s (+95 s pre-training, once per scheme) | 2026-12-05 | "
+        "ECE 0.012, 120 s (+95 s pre-training, once per scheme) | 2026-12-05, 2 CPU cores | "
         "`python -m captcha_lit.bench --only labels` |"]
 
 
