@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 from captcha_lit import __version__
 from captcha_lit.training.checkpoints import checkpoint_data_config, load_module
-from captcha_lit.deploy.folding import fold_pool_first
+from captcha_lit.deploy.folding import fold_pool_first, temporal_convs_as_2d
 from captcha_lit.deploy.quantize import compare_texts, int8_path, quantize_int8
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.training.inference import read_images
@@ -37,7 +38,9 @@ class ParityError(ValueError):
     """The exported model does not reproduce PyTorch's predictions."""
 
 
-def _to_onnx(module, path: Path, opset: int) -> None:
+def _to_onnx(module, path: Path, opset: int, temporal_2d: bool = True) -> None:
+    """``temporal_2d``: write the temporal convolutions as 2-D ones, the faster form in fp32 (the
+    int8 export quantizes a graph without it; see ``captcha_lit.deploy.folding``)."""
     import copy
 
     import onnx
@@ -48,6 +51,8 @@ def _to_onnx(module, path: Path, opset: int) -> None:
     exported.net, folded = fold_pool_first(module.net)
     if folded:
         log.info("folded %d batch norm(s) into the convolution before their max-pool", folded)
+    if temporal_2d:
+        exported.net, _ = temporal_convs_as_2d(exported.net)
     module = exported
     height, width = module.spec.input_size
     # Batch 2, not 1, so that no batch-sized dimension is mistaken for a constant.
@@ -201,7 +206,7 @@ QUANTIZATIONS = (None, "int8")
 
 def export_int8(module, state: dict, fp32_path: Path, fp32_solver: Solver, *, calibration_images: int = 512,
                 parity_split: str = "test", parity_images: int | None = None, parity_seed: int | str = 0,
-                min_text_agreement: float = 0.999) -> dict:
+                min_text_agreement: float = 0.999, opset: int = 17) -> dict:
     """Write ``<stem>.int8.onnx`` (see ``captcha_lit.deploy.quantize``) and ``<stem>.int8.parity.json``;
     raise ParityError if its texts agree with the fp32 model's on fewer than ``min_text_agreement``."""
     if not 0 <= min_text_agreement <= 1:
@@ -210,7 +215,10 @@ def export_int8(module, state: dict, fp32_path: Path, fp32_solver: Solver, *, ca
         log.warning("the checkpoint has no data config, so int8 parity uses generated images, not its test split")
         parity_split, parity_images = "generated", parity_images or 2000
     _, calibration = _parity_images(state, int(calibration_images), "int8_calibration", "generated")
-    path = quantize_int8(fp32_path, int8_path(fp32_path), calibration, module.spec.mean, module.spec.std)
+    with tempfile.TemporaryDirectory(prefix="captcha_lit_int8_source_") as tmp:
+        source = Path(tmp) / "model.onnx"  # the fp32 function, temporal convolutions 1-D
+        _to_onnx(module, source, opset, temporal_2d=False)
+        path = quantize_int8(source, int8_path(fp32_path), calibration, module.spec.mean, module.spec.std)
     labels, images = _parity_images(state, parity_images, parity_seed, parity_split)
     report = {"model": str(path.resolve()), "fp32_model": str(fp32_path.resolve()), "split": parity_split,
               "calibration_images": int(calibration_images), "min_text_agreement": float(min_text_agreement),
@@ -259,6 +267,7 @@ def export(cfg: DictConfig) -> dict:
             calibration_images=int(int8.get("calibration_images", 512)),
             parity_split=str(int8.get("parity_split", "test")), parity_images=None if images is None else int(images),
             parity_seed=parity.get("seed", 0), min_text_agreement=float(int8.get("min_text_agreement", 0.999)),
+            opset=int(opset),
         )
     print("\n".join([
         "", f"exported {module.spec.arch} ({module.spec.decoder} decoder) to {report['model']}",

@@ -111,3 +111,27 @@ def test_a_model_with_test_time_views_exports_them_and_its_int8_keeps_the_input_
     weights = {init.name for init in graph.initializer}
     float_convs = [node.name for node in graph.node if node.op_type == "Conv" and node.input[1] in weights]
     assert len(float_convs) == 1  # the first, reading the padded and concatenated image
+
+
+def _conv_weight_ranks(graph) -> list[int]:
+    """The rank of each convolution's weights (4: 2-D, 3: 1-D), through a DequantizeLinear if quantized."""
+    weights = {init.name: init for init in graph.initializer}
+    produced_by = {output: node for node in graph.node for output in node.output}
+    ranks = []
+    for node in graph.node:
+        if node.op_type == "Conv":
+            name = node.input[1]
+            if name not in weights:
+                name = produced_by[name].input[0]
+            ranks.append(len(weights[name].dims))
+    return ranks
+
+
+def test_fp32_runs_temporal_convolutions_as_2d_and_int8_as_1d(make_cfg, tiny_checkpoints, tmp_path):
+    # onnxruntime's fp32 1-D convolutions are slow and its integer 2-D ones add layout transposes:
+    # each graph gets the form its kernels run fastest (captcha_lit.deploy.folding).
+    _export(make_cfg, tmp_path, tiny_checkpoints["crnn"], "int8.min_text_agreement=0")
+    fp32 = _conv_weight_ranks(onnx.load(str(tmp_path / "model.onnx")).graph)
+    int8 = _conv_weight_ranks(onnx.load(str(tmp_path / "model.int8.onnx")).graph)
+    assert fp32 and set(fp32) == {4}
+    assert int8.count(3) == 2 and len(int8) == len(fp32)  # the two temporal layers
