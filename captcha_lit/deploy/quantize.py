@@ -4,8 +4,9 @@
 
 The fp32 export is written and checked first. Its int8 copy (``<stem>.int8.onnx``) is
 quantized from the same function with the temporal convolutions left 1-D (the form
-onnxruntime's integer kernels run fastest; ``captcha_lit.deploy.folding``), calibrated on generated CAPTCHAs drawn like the model's training data, from a seed stream
-of its own, then compared with the fp32 model on the checkpoint's fixed test split: an
+onnxruntime's integer kernels run fastest; ``captcha_lit.deploy.folding``), calibrated on
+generated CAPTCHAs drawn like the model's training data, from a seed stream of its own,
+then compared with the fp32 model on the checkpoint's fixed test split: an
 int8 model whose texts agree with the fp32 model's on fewer than
 ``int8.min_text_agreement`` of those images is renamed ``*.failed.onnx`` and refused.
 The int8 file carries the same metadata, so the runtime and ``serve`` take it like any
