@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from captcha_lit.deploy.app import RequestLimits, api_key_from_env, create_app
-from captcha_lit.deploy.memory import return_freed_memory
+from captcha_lit.deploy.memory import freeze_startup_objects, return_freed_memory
 from captcha_lit.deploy.protocol import ConnectionLimits, guarded_protocol
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.utils import available_cores
@@ -57,8 +57,10 @@ class AppSpec:
         limits = RequestLimits(max_body_bytes=self.max_body_bytes, max_batch=self.max_batch,
                                max_request_pixels=self.max_request_pixels, body_timeout=self.body_timeout,
                                request_timeout=self.request_timeout)
-        return create_app(solver or self.solver(), api_key=api_key_from_env(), micro_batch=self.micro_batch,
-                          limits=limits)
+        app = create_app(solver or self.solver(), api_key=api_key_from_env(), micro_batch=self.micro_batch,
+                         limits=limits)
+        freeze_startup_objects()
+        return app
 
     def http(self):
         """uvicorn's ``http=``: connections with a header deadline and a cap per process."""

@@ -150,6 +150,7 @@ def test_without_so_reuseport_uvicorns_workers_build_the_same_app(monkeypatch):
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
     monkeypatch.setenv(workers_module.WORKER_ENV, "")  # restored afterwards; run_workers sets it
+    monkeypatch.setattr(workers_module, "freeze_startup_objects", lambda: None)  # pytest's objects stay collectable
     onnx = REPO_ROOT / "tests" / "fixtures" / "compat_640dca3" / "crnn.onnx"
     spec = AppSpec(onnx=str(onnx), threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20,
                    max_batch=4, micro_batch=8)
@@ -167,3 +168,23 @@ def test_without_so_reuseport_uvicorns_workers_build_the_same_app(monkeypatch):
     model, solved = asyncio.run(ask())
     assert model["max_batch"] == 4
     assert solved["text"] == Solver(onnx).solve(data).text
+
+
+def test_a_server_process_exempts_its_startup_objects_from_full_collections():
+    """A full garbage collection walks every tracked object and stalls the requests in flight;
+    the app, model and modules a server process loads at startup are exempted from it."""
+    import json
+
+    onnx = REPO_ROOT / "tests" / "fixtures" / "compat_640dca3" / "crnn.onnx"
+    script = f"""
+import gc, json
+from captcha_lit.deploy.workers import AppSpec
+AppSpec(onnx={str(onnx)!r}, threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20, max_batch=4,
+        micro_batch=8).app()
+print(json.dumps({{"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}}))
+"""
+    done = subprocess.run([PYTHON, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["frozen"] > 20_000, counts  # FastAPI, pydantic, onnxruntime's bindings: tens of thousands
+    assert counts["tracked"] < counts["frozen"] / 10, counts
