@@ -7,6 +7,7 @@ repository, ``~/.cache`` or any shared folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -220,6 +221,31 @@ def wait_until_up(url: str, proc, log_path: Path, timeout: float = 180.0) -> Non
             pass
         assert time.time() < deadline, f"server did not start:\n{log_path.read_text()[-3000:]}"
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving(options: list[str], out: Path, cache_dir: Path, env: dict | None = None, timeout: float = 180.0):
+    """``python -m captcha_lit.serve <options>`` on a free port, once it answers: (url, port, log
+    path). Its output goes to ``out/server.log``; it is stopped (SIGTERM, then SIGKILL) afterwards."""
+    import subprocess
+
+    port = free_port()
+    cmd = [PYTHON, "-m", "captcha_lit.serve", f"port={port}", "access_log=false", f"hydra.run.dir={out}", *options]
+    log_path = out / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**cli_env(cache_dir), **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", proc, log_path, timeout)
+        yield url, port, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # Debian's packages (`make setup` and .ci/run install them); nothing is downloaded at run time.

@@ -9,7 +9,6 @@ import concurrent.futures
 import io
 import json
 import socket
-import subprocess
 import time
 
 import httpx
@@ -17,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, PYTHON, REPO_ROOT, cli_env
+from conftest import FIXTURES, serving
 from test_deploy import captcha_pngs
-from test_serve import _bomb_png, _free_port
+from test_serve import _bomb_png
 
 ONNX = FIXTURES / "compat_640dca3" / "crnn.onnx"  # 5 characters of 0-9A-Z, 64x160 gray
 HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 2, 2, 64
@@ -28,33 +27,10 @@ HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 2, 2, 64
 @pytest.fixture(scope="module")
 def hostile_server(tmp_path_factory, cache_dir):
     """One server process with short timeouts and a small connection cap: (url, port, log path)."""
-    out = tmp_path_factory.mktemp("hostile_serve")
-    port = _free_port()
-    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={ONNX}", f"port={port}", "workers=1",
-           f"header_timeout={HEADER_TIMEOUT}", f"body_timeout={BODY_TIMEOUT}", f"max_connections={MAX_CONNECTIONS}",
-           "access_log=false", f"hydra.run.dir={out}"]
-    log_path = out / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"server did not start:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
-        yield url, port, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    options = [f"model_path={ONNX}", "workers=1", f"header_timeout={HEADER_TIMEOUT}", f"body_timeout={BODY_TIMEOUT}",
+               f"max_connections={MAX_CONNECTIONS}"]
+    with serving(options, tmp_path_factory.mktemp("hostile_serve"), cache_dir, timeout=120) as served:
+        yield served
 
 
 def exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int | None, dict, bytes]:

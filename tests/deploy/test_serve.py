@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
-import subprocess
-import time
 import zlib
 
 import httpx
@@ -17,48 +14,18 @@ from PIL import Image
 
 from captcha_lit import __version__
 from captcha_lit.deploy.runtime import Solver
-from conftest import PYTHON, REPO_ROOT, cli_env
+from conftest import serving
 from test_deploy import captcha_pngs
 
 API_KEY = "test-key-123"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory, cache_dir):
     """``python -m captcha_lit.serve`` on the crnn checkpoint (exported to ONNX at startup), API key on."""
-    out = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    env = {**cli_env(cache_dir), "CAPTCHA_LIT_API_KEY": API_KEY}
-    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={tiny_checkpoints['crnn']}", f"port={port}",
-           "parity_images=8", "access_log=false", f"hydra.run.dir={out}"]
-    log_path = out / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"server did not start:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
+    with serving([f"model_path={tiny_checkpoints['crnn']}", "parity_images=8"], tmp_path_factory.mktemp("serve"),
+                 cache_dir, env={"CAPTCHA_LIT_API_KEY": API_KEY}) as (url, _, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

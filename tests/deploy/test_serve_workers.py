@@ -14,9 +14,8 @@ from captcha_lit.deploy import workers as workers_module
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.deploy.workers import AppSpec, _listening_sockets, resolve_workers
 from captcha_lit.utils import available_cores
-from conftest import PYTHON, REPO_ROOT, cli_env
+from conftest import PYTHON, REPO_ROOT, cli_env, free_port
 from test_deploy import captcha_pngs
-from test_serve import _free_port
 
 
 def _alive(pid: int) -> bool:
@@ -34,7 +33,7 @@ def _alive(pid: int) -> bool:
 
 def _start(onnx, workers: int, cache_dir, tmp_path) -> tuple[subprocess.Popen, str, object]:
     """``python -m captcha_lit.serve`` with ``workers`` processes: (process, url, log path)."""
-    port = _free_port()
+    port = free_port()
     cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", f"workers={workers}",
            "access_log=false", f"hydra.run.dir={tmp_path}"]
     log_path = tmp_path / "server.log"

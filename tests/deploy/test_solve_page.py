@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-import subprocess
 
 import httpx
 import pytest
 
 from captcha_lit.deploy.runtime import Solver
-from conftest import PYTHON, REPO_ROOT, cli_env, free_port, screenshot, wait_until_up
+from conftest import screenshot, serving
 from test_deploy import captcha_pngs
 
 pytest.importorskip("selenium", reason="the browser tests need selenium: pip install -e '.[dev]'")
@@ -36,21 +35,9 @@ if (kind === "paste") {
 
 @pytest.fixture(scope="module")
 def service(exported_models, tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("solve_page")
-    port = free_port()
     onnx = exported_models["crnn"]["onnx"]
-    cmd = [PYTHON, "-m", "captcha_lit.serve", f"model_path={onnx}", f"port={port}", "workers=1",
-           "access_log=false", f"hydra.run.dir={out}"]
-    log_path = out / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{url}/health", proc, log_path)
+    with serving([f"model_path={onnx}", "workers=1"], tmp_path_factory.mktemp("solve_page"), cache_dir) as (url, _, _):
         yield url, Solver(onnx)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def _answer(driver, previous: str = "") -> dict:
