@@ -1,9 +1,10 @@
 """A server process's memory: its heap after large requests, and its garbage collector.
 
-glibc (only; elsewhere those calls do nothing) keeps freed heap memory for reuse, in one arena per thread, so a server's RSS grows to
+glibc keeps freed heap memory for reuse, in one arena per thread, so a server's RSS grows to
 its largest burst of request bodies (two-megabyte JSON batches, their parsed strings) and
 stays there. Buffers of 256 KB and more are mapped on their own instead, and unmapped when
-freed; after a large request, the free pages inside the heap go back too.
+freed; after a large request, the free pages inside the heap go back too. (The heap calls are
+glibc's; elsewhere they do nothing.)
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ from captcha_lit.deploy import workers as workers_module
 from captcha_lit.deploy.runtime import Solver
 from captcha_lit.deploy.workers import AppSpec, _listening_sockets, resolve_workers
 from captcha_lit.utils import available_cores
-from conftest import PYTHON, REPO_ROOT, cli_env, free_port
+from conftest import FIXTURES, PYTHON, REPO_ROOT, cli_env, free_port
 from test_deploy import captcha_pngs
+
+COMPAT_ONNX = FIXTURES / "compat_640dca3" / "crnn.onnx"  # a small committed model
 
 
 def _alive(pid: int) -> bool:
@@ -150,7 +152,7 @@ def test_without_so_reuseport_uvicorns_workers_build_the_same_app(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
     monkeypatch.setenv(workers_module.WORKER_ENV, "")  # restored afterwards; run_workers sets it
     monkeypatch.setattr(workers_module, "freeze_startup_objects", lambda: None)  # pytest's objects stay collectable
-    onnx = REPO_ROOT / "tests" / "fixtures" / "compat_640dca3" / "crnn.onnx"
+    onnx = COMPAT_ONNX
     spec = AppSpec(onnx=str(onnx), threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20,
                    max_batch=4, micro_batch=8)
     workers_module.run_workers(spec, {"host": "127.0.0.1", "port": 0}, 3)
@@ -174,11 +176,10 @@ def test_a_server_process_exempts_its_startup_objects_from_full_collections():
     the app, model and modules a server process loads at startup are exempted from it."""
     import json
 
-    onnx = REPO_ROOT / "tests" / "fixtures" / "compat_640dca3" / "crnn.onnx"
     script = f"""
 import gc, json
 from captcha_lit.deploy.workers import AppSpec
-AppSpec(onnx={str(onnx)!r}, threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20, max_batch=4,
+AppSpec(onnx={str(COMPAT_ONNX)!r}, threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20, max_batch=4,
         micro_batch=8).app()
 print(json.dumps({{"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}}))
 """
