@@ -186,16 +186,22 @@ def export_onnx(module, state: dict, path: str | os.PathLike, *, opset: int = 17
     if not report["max_abs_logit_diff"] <= max_logit_diff:  # also catches NaN
         problems.append(f"largest logit difference {report['max_abs_logit_diff']:.3g} exceeds {max_logit_diff:g}")
     report["passed"] = not problems
+    return _settle(path, report, lambda failed, details: (
+        f"the ONNX export does not match PyTorch: {'; '.join(problems)}. The model was moved to {failed} so that it "
+        f"is not served by mistake; details in {details}"))
+
+
+def _settle(path: Path, report: dict, refusal) -> dict:
+    """Write ``report`` as ``<stem>.parity.json`` beside the model. A model that failed its check
+    (``report["passed"]`` false) is first renamed ``<stem>.failed.onnx``, so that nothing serves it
+    by mistake, and ParityError says ``refusal(failed_path, report_path)``."""
     report_path = path.with_name(f"{path.stem}.parity.json")
-    if problems:
+    if not report["passed"]:
         failed = path.with_name(f"{path.stem}.failed.onnx")
         os.replace(path, failed)
         report["model"] = str(failed.resolve())
         write_json(report_path, report)
-        raise ParityError(
-            f"the ONNX export does not match PyTorch: {'; '.join(problems)}. The model was moved to {failed} "
-            f"so that it is not served by mistake; details in {report_path}"
-        )
+        raise ParityError(refusal(failed, report_path))
     write_json(report_path, report)
     report["parity_report"] = str(report_path)
     return report
@@ -224,21 +230,11 @@ def export_int8(module, state: dict, fp32_path: Path, fp32_solver: Solver, *, ca
               "calibration_images": int(calibration_images), "min_text_agreement": float(min_text_agreement),
               **compare_texts(fp32_solver, Solver(path), images, labels)}
     report["passed"] = report["text_agreement"] >= min_text_agreement
-    report_path = path.with_name(f"{path.stem}.parity.json")
-    if not report["passed"]:
-        failed = path.with_name(f"{path.stem}.failed.onnx")
-        os.replace(path, failed)
-        report["model"] = str(failed.resolve())
-        write_json(report_path, report)
-        raise ParityError(
-            f"the int8 model's texts agree with the fp32 model's on {report['text_agreement']:.2%} of "
-            f"{report['num_images']} {parity_split} images, below int8.min_text_agreement={min_text_agreement:g}. "
-            f"It was moved to {failed}; serve {fp32_path} instead, or calibrate on more images "
-            f"(int8.calibration_images); details in {report_path}"
-        )
-    write_json(report_path, report)
-    report["parity_report"] = str(report_path)
-    return report
+    return _settle(path, report, lambda failed, details: (
+        f"the int8 model's texts agree with the fp32 model's on {report['text_agreement']:.2%} of "
+        f"{report['num_images']} {parity_split} images, below int8.min_text_agreement={min_text_agreement:g}. "
+        f"It was moved to {failed}; serve {fp32_path} instead, or calibrate on more images "
+        f"(int8.calibration_images); details in {details}"))
 
 
 def export(cfg: DictConfig) -> dict:

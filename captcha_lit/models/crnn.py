@@ -72,12 +72,7 @@ def crnn(num_classes: int, max_length: int, input_size: Sequence[int], in_channe
          dropout: float = 0.1) -> CRNN:
     """``channels``: the stage widths (the stem has the first one). ``rnn``: ``conv`` (residual
     temporal convolutions, the fastest on a CPU), ``gru`` or ``lstm`` (bidirectional)."""
-    channels = check_channels(channels)
-    # A 64-pixel-high input: stem 32, the first stage 16, then 8, 4, 2 rows; the width is halved twice.
-    stages = [Stage(channels[0], (2, 2), convs=2, downsample="pool_first")]
-    stages += [Stage(width, (2, 1), downsample="stride") for width in channels[1:]]
-    backbone = VGGBackbone(stages, in_channels, stem=channels[0], stem_norm=False)
-    return CRNN(backbone, num_classes, max_length, input_size, dim, rnn, rnn_layers, dropout)
+    return _strided_crnn(2, num_classes, max_length, input_size, in_channels, channels, dim, rnn, rnn_layers, dropout)
 
 
 @register_model("crnn_lite", decoder="ctc")
@@ -87,8 +82,16 @@ def crnn_lite(num_classes: int, max_length: int, input_size: Sequence[int], in_c
     """``crnn`` with one convolution in its first stage instead of two: the full-resolution stage
     is where a CPU step spends most of its time. No dropout: it is sized for generated data, where
     a run sees each image a few times at most and does not overfit."""
+    return _strided_crnn(1, num_classes, max_length, input_size, in_channels, channels, dim, rnn, rnn_layers, dropout)
+
+
+def _strided_crnn(first_stage_convs: int, num_classes: int, max_length: int, input_size: Sequence[int],
+                  in_channels: int, channels: Sequence[int], dim: int, rnn: str, rnn_layers: int,
+                  dropout: float) -> CRNN:
+    """The design of ``crnn`` and ``crnn_lite``, which differ in ``first_stage_convs``."""
     channels = check_channels(channels)
-    stages = [Stage(channels[0], (2, 2), convs=1, downsample="pool_first")]
+    # A 64-pixel-high input: stem 32, the first stage 16, then 8, 4, 2 rows; the width is halved twice.
+    stages = [Stage(channels[0], (2, 2), convs=first_stage_convs, downsample="pool_first")]
     stages += [Stage(width, (2, 1), downsample="stride") for width in channels[1:]]
     backbone = VGGBackbone(stages, in_channels, stem=channels[0], stem_norm=False)
     return CRNN(backbone, num_classes, max_length, input_size, dim, rnn, rnn_layers, dropout)
