@@ -101,9 +101,9 @@ def test_sweep_on_the_queue_survives_requeue_and_preemption(slurm, tmp_path, cac
     sweep = tmp_path / "sweep"
     proc = _start([f"hydra.sweep.dir={sweep}", "seed=7,7,7", "data.num_train=640", "trainer.max_epochs=4", *SMALL],
                   slurm, cache_dir)
-    for job in (0, 1):
-        _wait_for((sweep / str(job) / "checkpoints" / "last.ckpt").exists, 120, f"job {job}'s first epoch", proc)
+    # Each job is stopped as soon as its first epoch is saved, while it has three more to run.
     for job, stop in ((0, ["scontrol", "requeue"]), (1, ["scancel", "--signal=USR2"])):
+        _wait_for((sweep / str(job) / "checkpoints" / "last.ckpt").exists, 120, f"job {job}'s first epoch", proc)
         subprocess.run([*stop, _slurm_id(sweep, job)], env=slurm.env, check=True, timeout=30)
     lost, finished = {}, {}
     for job in (0, 1):
