@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,25 @@ def cli_env(cache_dir: Path) -> dict:
 PYTHON = sys.executable
 
 
+def run_entry_points(commands: dict[str, list[str]], cache_dir: Path, timeout: float) -> dict[str, tuple[int, str, str]]:
+    """``python -m <args>`` for each named command, all at once (they are mostly start-up time); their
+    exit codes and outputs by name. Any still running when one fails to finish in time is killed."""
+    procs = {name: subprocess.Popen([PYTHON, "-m", *args], cwd=REPO_ROOT, env=cli_env(cache_dir),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    results = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=timeout)
+            results[name] = (proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
 # ---- deployment: tiny trained checkpoints of both decoder kinds, and their ONNX exports ----
 SMALL_MODELS = {
     # 4 to 5 characters, so the positional decoder predicts an end symbol.
@@ -227,8 +247,6 @@ def wait_until_up(url: str, proc, log_path: Path, timeout: float = 180.0) -> Non
 def serving(options: list[str], out: Path, cache_dir: Path, env: dict | None = None, timeout: float = 180.0):
     """``python -m captcha_lit.serve <options>`` on a free port, once it answers: (url, port, log
     path). Its output goes to ``out/server.log``; it is stopped (SIGTERM, then SIGKILL) afterwards."""
-    import subprocess
-
     port = free_port()
     cmd = [PYTHON, "-m", "captcha_lit.serve", f"port={port}", "access_log=false", f"hydra.run.dir={out}", *options]
     log_path = out / "server.log"

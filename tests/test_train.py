@@ -16,7 +16,7 @@ from captcha_lit.train import train
 from captcha_lit.training.builders import build_datamodule, build_module
 from captcha_lit.training.inference import read_images
 from captcha_lit.training.module import CaptchaModule
-from conftest import PYTHON, QUIET_TRAINER, REPO_ROOT, TINY_DATA, _compose, cli_env
+from conftest import PYTHON, QUIET_TRAINER, REPO_ROOT, TINY_DATA, _compose, cli_env, run_entry_points
 
 TEST_KEYS = ("test/seq_acc", "test/char_acc", "test/loss")
 # Small models so a CPU epoch takes a second or two.
@@ -258,23 +258,12 @@ CLI_CASES = {
 def cli_runs(tmp_path_factory, cache_dir):
     """Start every bad-input CLI run at once (each pays a torch import), then collect them."""
     root = tmp_path_factory.mktemp("cli")
-    procs = {}
+    commands = {}
     for name, (args, _) in CLI_CASES.items():
         extra = ["debug=fast"] if args[0] == "captcha_lit.train" else []
-        cmd = [PYTHON, "-m", *args, *extra, f"hydra.run.dir={root / name}", f"data.cache_dir={cache_dir}",
-               "trainer.accelerator=cpu"]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
-    results = {}
-    try:
-        for name, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=240)
-            results[name] = (proc.returncode, stdout, stderr)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    return results
+        commands[name] = [*args, *extra, f"hydra.run.dir={root / name}", f"data.cache_dir={cache_dir}",
+                          "trainer.accelerator=cpu"]
+    return run_entry_points(commands, cache_dir, timeout=240)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from captcha_lit.deploy.export import ParityError, export, export_onnx
 from captcha_lit.predict import predict
 from captcha_lit.preprocess import load_input
 from captcha_lit.deploy.runtime import Solver
-from conftest import PYTHON, REPO_ROOT, cli_env
+from conftest import PYTHON, REPO_ROOT, cli_env, run_entry_points
 
 ARCHS = ("cnn", "crnn")
 
@@ -283,12 +283,10 @@ def test_cli_bad_model_files(tmp_path, cache_dir):
         "serve_corrupt": (["captcha_lit.serve", f"model_path={corrupt_onnx}"], "not a valid ONNX model"),
         "serve_missing": (["captcha_lit.serve", f"model_path={tmp_path / 'none.onnx'}"], "does not exist"),
     }
-    procs = {name: subprocess.Popen([PYTHON, "-m", *args, f"hydra.run.dir={tmp_path / name}"], cwd=REPO_ROOT,
-                                    env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (args, _) in cases.items()}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=180)
-        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
+    results = run_entry_points({name: [*args, f"hydra.run.dir={tmp_path / name}"] for name, (args, _) in cases.items()},
+                               cache_dir, timeout=180)
+    for name, (code, _, stderr) in results.items():
+        assert code == 2, f"{name}: exit {code}\n{stderr[-3000:]}"
         assert "Traceback" not in stderr
         errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and cases[name][1] in errors[0], stderr[-2000:]

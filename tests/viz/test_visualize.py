@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ from captcha_lit.decoding import ctc_character_steps
 from captcha_lit.eval import evaluate
 from captcha_lit.train import train
 from captcha_lit.viz.visualize import visualize
-from conftest import PYTHON, REPO_ROOT, cli_env
+from conftest import run_entry_points
 
 SMALL_CRNN = ["model=crnn", "model.channels=[8,16,32,32]", "model.dim=32"]
 ERROR_FILES = ("confusion.png", "confusion.csv", "confused_pairs.md", "confused_pairs.csv", "position_accuracy.png",
@@ -310,19 +309,8 @@ def test_visualize_command_line(tiny_checkpoints, tmp_path, cache_dir):
     """``python -m captcha_lit.visualize``: a run, and a missing checkpoint (one error line, exit code 2)."""
     runs = {"run": [f"ckpt_path={tiny_checkpoints['crnn']}", *FAST_TSNE, "num_embeddings=8"],
             "missing": [f"ckpt_path={tmp_path / 'missing.ckpt'}"]}
-    procs = {name: subprocess.Popen([PYTHON, "-m", "captcha_lit.visualize", *args, f"hydra.run.dir={tmp_path / name}"],
-                                    cwd=REPO_ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, args in runs.items()}
-    results = {}
-    try:
-        for name, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=300)
-            results[name] = (proc.returncode, stdout, stderr)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    results = run_entry_points({name: ["captcha_lit.visualize", *args, f"hydra.run.dir={tmp_path / name}"]
+                                for name, args in runs.items()}, cache_dir, timeout=300)
     code, stdout, stderr = results["run"]
     assert code == 0 and "Traceback" not in stderr, stderr[-4000:]
     assert str(tmp_path / "run" / "index.html") in stdout
