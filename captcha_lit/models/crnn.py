@@ -78,10 +78,9 @@ def crnn(num_classes: int, max_length: int, input_size: Sequence[int], in_channe
 @register_model("crnn_lite", decoder="ctc")
 def crnn_lite(num_classes: int, max_length: int, input_size: Sequence[int], in_channels: int = 3,
               channels: Sequence[int] = (16, 32, 64, 128), dim: int = 128, rnn: str = "conv", rnn_layers: int = 2,
-              dropout: float = 0.0) -> CRNN:
+              dropout: float = 0.1) -> CRNN:
     """``crnn`` with one convolution in its first stage instead of two: the full-resolution stage
-    is where a CPU step spends most of its time. No dropout: it is sized for generated data, where
-    a run sees each image a few times at most and does not overfit."""
+    is where a CPU step spends most of its time."""
     return _strided_crnn(1, num_classes, max_length, input_size, in_channels, channels, dim, rnn, rnn_layers, dropout)
 
 

@@ -9,7 +9,7 @@ from captcha_lit.eval import evaluate
 from captcha_lit.train import train
 from captcha_lit.training.averaging import EMA, ema_multi_avg_fn
 
-EMA_ON = ["callbacks.ema.decay=0.9"]  # the default callbacks average; a short memory for a short run
+EMA_ON = ["callbacks=averaged", "callbacks.ema.decay=0.9"]  # a short memory for a short run
 SMALL = ["model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "trainer.max_epochs=2"]
 
 
@@ -45,8 +45,9 @@ def test_checkpoints_and_the_test_read_the_average(make_cfg):
     assert result["test/seq_acc"] == metrics["test/seq_acc"]
 
 
-def test_callbacks_ema_null_trains_without_an_average(make_cfg):
-    metrics = train(make_cfg("train", SMALL + ["trainer.max_epochs=1", "callbacks.ema=null"], name="plain"))
+@pytest.mark.parametrize("callbacks", [[], ["callbacks=averaged", "callbacks.ema=null"]], ids=["default", "ema_null"])
+def test_the_default_and_callbacks_ema_null_train_without_an_average(make_cfg, callbacks):
+    metrics = train(make_cfg("train", SMALL + ["trainer.max_epochs=1", *callbacks], name="plain"))
     state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
     assert "current_model_state" not in state
 

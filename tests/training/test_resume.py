@@ -13,7 +13,8 @@ from captcha_lit.training.module import CaptchaModule
 from captcha_lit.training.resume import resume_point
 from captcha_lit.train import train
 
-SMALL = ["model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "trainer.max_epochs=3"]
+# With the weight average on: a resumed run must continue both the weights and their average.
+SMALL = ["model.channels=[8,16,32,32]", "model.dim=32", "logger=csv", "trainer.max_epochs=3", "callbacks=averaged"]
 FINAL_KEYS = ("test/seq_acc", "test/char_acc", "test/loss", "test/cer", "val/seq_acc_best", "val/seq_acc", "epochs",
               "global_step")
 
