@@ -64,6 +64,8 @@ def train(cfg: DictConfig) -> dict:
         )
     if cfg.get("ckpt_path"):
         check_model_path(cfg.ckpt_path, "checkpoint")
+    for group in ("callbacks", "logger"):
+        _check_buildable(cfg, group)
     ckpt_path, finished = resume_point(cfg, out_dir, is_rank_zero=rank_zero_only.rank == 0)
     if finished is not None:
         print(f"\nskipped: {out_dir} holds a finished run (resume=auto); its metrics stand")
@@ -181,6 +183,20 @@ def train(cfg: DictConfig) -> dict:
                         + [f"  pictures               {folder}" for folder in sorted({str(Path(p).parent)
                                                                                      for p in metrics["plots"]})]))
     return metrics
+
+
+def _check_buildable(cfg: DictConfig, group: str) -> None:
+    """Each entry of ``callbacks`` or ``logger`` names the class it builds (``_target_``). An entry
+    without one (``+callbacks.ema.decay=0.99`` on callbacks that do not average, as Hydra itself
+    suggests) would otherwise reach Lightning as a plain dict and fail deep inside it, after the data
+    is generated."""
+    for name, entry in (cfg.get(group) or {}).items():
+        if entry is None or (isinstance(entry, DictConfig) and "_target_" in entry):
+            continue
+        hint = "; for weight averaging pass callbacks=averaged (then callbacks.ema.decay=...)" if (
+            group, name) == ("callbacks", "ema") else ""
+        raise ValueError(f"{group}.{name}={to_plain(entry)}: an entry needs a _target_, the class it builds, or null "
+                         f"to leave it out{hint}")
 
 
 def _check_resumable(ckpt_path: str, model, explicit: bool) -> None:

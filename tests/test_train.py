@@ -251,6 +251,9 @@ CLI_CASES = {
     "model_option": (["captcha_lit.train", "+model.downsample=stride"],
                      ["model 'crnn_lite' has no option(s) downsample", "its options are: channels, dim, rnn"]),
     "eval_ckpt": (["captcha_lit.eval", "ckpt_path=/nonexistent.ckpt"], ["/nonexistent.ckpt", "does not exist"]),
+    # What Hydra suggests for callbacks.ema.decay= on callbacks that do not average.
+    "callback_entry": (["captcha_lit.train", "+callbacks.ema.decay=0.99"],
+                       ["callbacks.ema={'decay': 0.99}", "needs a _target_", "callbacks=averaged"]),
 }
 
 

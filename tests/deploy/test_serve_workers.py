@@ -152,8 +152,7 @@ def test_without_so_reuseport_uvicorns_workers_build_the_same_app(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
     monkeypatch.setenv(workers_module.WORKER_ENV, "")  # restored afterwards; run_workers sets it
     monkeypatch.setattr(workers_module, "freeze_startup_objects", lambda: None)  # pytest's objects stay collectable
-    onnx = COMPAT_ONNX
-    spec = AppSpec(onnx=str(onnx), threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20,
+    spec = AppSpec(onnx=str(COMPAT_ONNX), threads=1, max_pixels=1 << 20, spinning=False, max_body_bytes=1 << 20,
                    max_batch=4, micro_batch=8)
     workers_module.run_workers(spec, {"host": "127.0.0.1", "port": 0}, 3)
     assert started["workers"] == 3 and started["factory"] is True
@@ -168,7 +167,7 @@ def test_without_so_reuseport_uvicorns_workers_build_the_same_app(monkeypatch):
 
     model, solved = asyncio.run(ask())
     assert model["max_batch"] == 4
-    assert solved["text"] == Solver(onnx).solve(data).text
+    assert solved["text"] == Solver(COMPAT_ONNX).solve(data).text
 
 
 def test_a_server_process_exempts_its_startup_objects_from_full_collections():

@@ -45,7 +45,8 @@ def test_checkpoints_and_the_test_read_the_average(make_cfg):
     assert result["test/seq_acc"] == metrics["test/seq_acc"]
 
 
-@pytest.mark.parametrize("callbacks", [[], ["callbacks=averaged", "callbacks.ema=null"]], ids=["default", "ema_null"])
+@pytest.mark.parametrize("callbacks", [[], ["callbacks.ema=null"], ["callbacks=averaged", "callbacks.ema=null"]],
+                         ids=["default", "default_ema_null", "averaged_ema_null"])
 def test_the_default_and_callbacks_ema_null_train_without_an_average(make_cfg, callbacks):
     metrics = train(make_cfg("train", SMALL + ["trainer.max_epochs=1", *callbacks], name="plain"))
     state = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
