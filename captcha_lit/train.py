@@ -193,8 +193,9 @@ def _check_buildable(cfg: DictConfig, group: str) -> None:
     for name, entry in (cfg.get(group) or {}).items():
         if entry is None or (isinstance(entry, DictConfig) and "_target_" in entry):
             continue
-        hint = "; for weight averaging pass callbacks=averaged (then callbacks.ema.decay=...)" if (
-            group, name) == ("callbacks", "ema") else ""
+        hint = ""
+        if (group, name) == ("callbacks", "ema"):
+            hint = "; for weight averaging pass callbacks=averaged (then callbacks.ema.decay=...)"
         raise ValueError(f"{group}.{name}={to_plain(entry)}: an entry needs a _target_, the class it builds, or null "
                          f"to leave it out{hint}")
 
