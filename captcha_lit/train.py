@@ -33,8 +33,8 @@ from captcha_lit.training.distributed import ddp_job
 from captcha_lit.training.finetune import PullToStart, keep_better_start, snapshot
 from captcha_lit.training.resume import resume_point
 from captcha_lit.training.selftrain import self_train
-from captcha_lit.utils import (check_model_path, entry_point, flatten, machine_description, output_dir, run_cores,
-                               set_torch_threads, write_json)
+from captcha_lit.utils import (check_model_path, entry_point, flatten, keep_freed_memory, machine_description,
+                               output_dir, run_cores, set_torch_threads, write_json)
 
 log = logging.getLogger(__name__)
 _process_start: float | None = time.time()
@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> dict:
     # Jobs that a launcher runs side by side share the machine: each takes its share of the cores.
     cores = run_cores()
     set_torch_threads(cores)
+    keep_freed_memory()
     data_cfg = to_plain(cfg.data)
     if "gen_workers" in data_cfg and data_cfg["gen_workers"] is None:  # generated data: its share too
         data_cfg["gen_workers"] = cores

@@ -103,6 +103,26 @@ def set_torch_threads(cores: int) -> None:
         pass
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep the memory a training step frees for the next step.
+
+    By default it hands large blocks and the heap's free top back to the kernel, so every step
+    page-faults its activations in again (several hundred faults a step of the default model).
+    The process keeps what its largest step needed instead. Returns whether the C library took
+    the settings (only glibc has them; elsewhere nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 CACHE_ENV = "CAPTCHA_LIT_CACHE"
 
 
