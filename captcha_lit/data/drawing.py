@@ -109,17 +109,23 @@ class FastImageCaptcha(package.ImageCaptcha):
         key = (id(font), c, *offset)
         coverage = self._coverages.get(key)
         if coverage is None:
-            white = self._pillow_text_image(c, font, size, offset, (255, 255, 255, 255), crop=False)
-            coverage = np.asarray(white)[..., 3].copy()
+            coverage = self._coverage(c, font, size, offset)
             if len(self._coverages) < MAX_CACHED_COVERAGES:
                 self._coverages[key] = coverage
         return _colored_glyph(coverage, color)
 
     @staticmethod
-    def _pillow_text_image(c: str, font, size, offset, color, crop: bool = True) -> Image.Image:
+    def _pillow_text_image(c: str, font, size, offset, color) -> Image.Image:
         im = Image.new("RGBA", size)
         ImageDraw.Draw(im).text(offset, c, font=font, fill=color)
-        return im.crop(im.getbbox()) if crop else im
+        return im.crop(im.getbbox())
+
+    @staticmethod
+    def _coverage(c: str, font, size, offset) -> np.ndarray:
+        """FreeType's coverage of one character: the alpha of opaque white text, uncropped."""
+        im = Image.new("RGBA", size)
+        ImageDraw.Draw(im).text(offset, c, font=font, fill=(255, 255, 255, 255))
+        return np.asarray(im.getchannel("A"))
 
     def _coverage_rule_holds(self) -> bool:
         """Whether this Pillow draws text as :func:`_colored_glyph` assumes, on a few probes."""
@@ -127,10 +133,8 @@ class FastImageCaptcha(package.ImageCaptcha):
         for c, color in (("W", (10, 20, 200, 220)), ("8", (199, 100, 37, 255)), ("g", (57, 88, 123, 1))):
             _, _, w, h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((1, 1), c, font=font)
             size, offset = (int(w) + 2, int(h) + 3), (2, 3)
-            white = self._pillow_text_image(c, font, size, offset, (255, 255, 255, 255), crop=False)
-            coverage = np.asarray(white)[..., 3]
             expected = self._pillow_text_image(c, font, size, offset, color)
-            if _colored_glyph(coverage, color).tobytes() != expected.tobytes():
+            if _colored_glyph(self._coverage(c, font, size, offset), color).tobytes() != expected.tobytes():
                 return False
         return True
 
