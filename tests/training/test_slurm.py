@@ -201,11 +201,12 @@ def test_a_time_limit_shorter_than_an_epoch_is_an_error(slurm, tmp_path, cache_d
     """SLURM warns a job with SIGUSR2 signal_delay_s before its time limit. A job that gets it before it
     finished an epoch is not requeued (it would start over): its error says to raise the limit."""
     sweep = tmp_path / "short"
-    # One image per step makes the first epoch last seconds, not a fraction of one, so the warning lands in it
-    # however slowly the cluster delivers it.
+    # One image per step, 3,840 steps: the first epoch outlasts the 30 s after which SLURM sends its own
+    # warning, so a warning lands in it however slowly the cluster delivers the test's (1,280 steps, about
+    # 20 s, sometimes ended first).
     small = [o for o in SMALL if not o.startswith("data.batch_size=")]
     proc = _start([f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
-                   "data.num_train=1280", "data.batch_size=1", *small], slurm, cache_dir)
+                   "data.num_train=3840", "data.batch_size=1", *small], slurm, cache_dir)
     log = sweep / "0" / "train.log"
     # SLURM may send its own warning up to a minute early, even while the job imports: the job holds it
     # until its handler exists, and fails the same way. Otherwise the test sends it once the trainer exists
