@@ -38,12 +38,15 @@ def available_cores() -> int:
 
 
 def machine_description() -> str:
-    """``AMD EPYC, 2 cores, 24 GiB``: the CPU model, the cores this process may use, and memory."""
-    model, memory_gib = platform.processor() or platform.machine(), None
+    """``AMD EPYC (AVX512-BF16 VNNI), 2 cores, 24 GiB``: the CPU model with the instruction sets that
+    set this project's speed (``cpu_features``), the cores this process may use, and memory."""
+    model, memory_gib, flags = platform.processor() or platform.machine(), None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.partition(":")[2].strip()
+            elif line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
                 break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -51,11 +54,27 @@ def machine_description() -> str:
                 break
     except OSError:  # not Linux
         pass
+    features = cpu_features(flags)
     cores = available_cores()
-    parts = [model or "unknown CPU", f"{cores} cores"]
+    parts = [(model or "unknown CPU") + (f" ({' '.join(features)})" if features else ""), f"{cores} cores"]
     if memory_gib is not None:
         parts.append(f"{memory_gib:.0f} GiB")
     return ", ".join(parts)
+
+
+def cpu_features(flags: set[str]) -> list[str]:
+    """The instruction sets, of a CPU's ``/proc/cpuinfo`` flags, that decide how fast this project
+    runs there: bf16 training (AMX or AVX512-BF16; without either, training runs in fp32), else the
+    vector width (AVX-512, AVX2); and integer dot products (VNNI, part of AMX's CPUs), which int8
+    inference needs to pay. One CPU model name covers machines with and without them (a virtual
+    machine's "AMD EPYC" may offer AVX512-BF16 one day and AVX2 alone the next), so figures measured
+    on them only compare with these named."""
+    if "amx_bf16" in flags:
+        return ["AMX"]
+    width = next((name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                  if flag in flags), None)
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    return [name for name in (width, "VNNI" if vnni else None) if name]
 
 
 def parallel_jobs(launcher: Any) -> int:

@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -163,3 +164,33 @@ def test_kept_freed_memory_is_not_faulted_in_again_every_step():
     # By default the block is mapped afresh and faulted in again on every step; kept, the steps
     # after the first reuse its pages.
     assert without >= 16 and with_setting == 0, (with_setting, without)
+
+
+@pytest.mark.parametrize("flags, features", [
+    ({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}, ["AMX"]),
+    ({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}, ["AVX512-BF16", "VNNI"]),
+    ({"avx2", "avx512f", "avx512_vnni"}, ["AVX-512", "VNNI"]),
+    ({"avx2", "avx_vnni"}, ["AVX2", "VNNI"]),
+    ({"avx2", "fma"}, ["AVX2"]),
+    ({"sse4_2"}, []),
+])
+def test_cpu_features_name_what_sets_training_and_int8_speed(flags, features):
+    from captcha_lit.utils import cpu_features
+
+    assert cpu_features(flags) == features
+
+
+def test_the_machine_names_its_cpu_features_within_the_cpu_column():
+    from captcha_lit.bench.tables import cpu_name
+    from captcha_lit.utils import cpu_features, machine_description
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("reads the CPU's flags from Linux's /proc/cpuinfo")
+    machine = machine_description()
+    cpu, cores, memory = machine.split(", ")
+    assert cores.endswith(" cores") and memory.endswith(" GiB")
+    flags = next((set(line.partition(":")[2].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), set())
+    features = cpu_features(flags)
+    if features:  # the results table's CPU column keeps them
+        assert cpu.endswith(f" ({' '.join(features)})") and cpu_name(machine).endswith(f"({' '.join(features)})")
