@@ -308,3 +308,21 @@ def test_precision_auto_resolves_per_device():
     trainer = build_trainer(cfg)
     assert cfg.precision == expected  # written back, so the logged hparams name what ran
     assert trainer.precision == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_says_why(native, monkeypatch, caplog):
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from captcha_lit.training import builders
+
+    monkeypatch.setattr(builders, "native_bf16", lambda device_type: native)
+    cfg = OmegaConf.create({"_target_": "lightning.pytorch.Trainer", "precision": "auto", "accelerator": "cpu",
+                            "devices": 1, "logger": False, "enable_checkpointing": False})
+    with caplog.at_level(logging.INFO, logger=builders.__name__):
+        builders.build_trainer(cfg)
+    expected = ("trainer.precision=auto -> bf16-mixed: this CPU computes bf16 natively" if native else
+                "trainer.precision=auto -> 32-true: this CPU has no native bf16 (AMX or AVX512-BF16)")
+    assert any(record.getMessage().startswith(expected) for record in caplog.records), caplog.text

@@ -73,17 +73,26 @@ def resolve_precision(trainer_cfg: DictConfig | dict) -> str | int:
     bf16 autocast (``bf16-mixed``) where the device has native bf16, else ``32-true`` on a CPU
     and ``16-mixed`` on an older GPU. Weights and the optimizer stay fp32 either way; any
     Lightning value (``32-true``, ``bf16-mixed``, ``16-mixed``, ...) is passed through."""
+    return _precision_and_reason(trainer_cfg)[0]
+
+
+def _precision_and_reason(trainer_cfg: DictConfig | dict) -> tuple[str | int, str]:
+    """``resolve_precision``'s choice, and for ``auto`` why, for the log."""
     precision = trainer_cfg.get("precision")
     if str(precision) != "auto":
-        return precision
+        return precision, ""
     accelerator = str(trainer_cfg.get("accelerator") or "auto")
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda"):
-        return "bf16-mixed" if native_bf16("cuda") else "16-mixed"
+        return ("bf16-mixed", "this GPU computes bf16 natively") if native_bf16("cuda") else (
+            "16-mixed", "this GPU has no native bf16")
     if accelerator == "cpu":
-        return "bf16-mixed" if native_bf16("cpu") else "32-true"
-    return "32-true"
+        if native_bf16("cpu"):
+            return "bf16-mixed", "this CPU computes bf16 natively"
+        return "32-true", ("this CPU has no native bf16 (AMX or AVX512-BF16), where bf16 autocast would be "
+                           "emulated and many times slower, so training runs in fp32, slower than on one that has it")
+    return "32-true", f"no mixed precision chosen for accelerator {accelerator!r}"
 
 
 def build_trainer(trainer_cfg: DictConfig, **kwargs):
@@ -91,11 +100,11 @@ def build_trainer(trainer_cfg: DictConfig, **kwargs):
     so the logged hparams and the saved config name the precision that ran)."""
     from hydra.utils import instantiate
 
-    precision = resolve_precision(trainer_cfg)
+    precision, reason = _precision_and_reason(trainer_cfg)
     if precision != trainer_cfg.get("precision"):
         with open_dict(trainer_cfg):
             trainer_cfg.precision = precision
-        log.info("trainer.precision=auto -> %s", precision)
+        log.info("trainer.precision=auto -> %s: %s", precision, reason)
     return instantiate(trainer_cfg, **kwargs)
 
 
