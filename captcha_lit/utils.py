@@ -40,14 +40,9 @@ def available_cores() -> int:
 def machine_description() -> str:
     """``AMD EPYC (AVX512-BF16 VNNI), 2 cores, 24 GiB``: the CPU model with the instruction sets that
     set this project's speed (``cpu_features``), the cores this process may use, and memory."""
-    model, memory_gib, flags = platform.processor() or platform.machine(), None, set()
+    model, flags = cpu_model_and_flags()
+    memory_gib = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-            elif line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-                break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 memory_gib = int(line.split()[1]) / 2**20  # the file counts in KiB
@@ -55,11 +50,26 @@ def machine_description() -> str:
     except OSError:  # not Linux
         pass
     features = cpu_features(flags)
-    cores = available_cores()
-    parts = [(model or "unknown CPU") + (f" ({' '.join(features)})" if features else ""), f"{cores} cores"]
+    parts = [model + (f" ({' '.join(features)})" if features else ""), f"{available_cores()} cores"]
     if memory_gib is not None:
         parts.append(f"{memory_gib:.0f} GiB")
     return ", ".join(parts)
+
+
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags, from Linux's ``/proc/cpuinfo`` (elsewhere what
+    ``platform`` knows, and no flags)."""
+    model, flags = platform.processor() or platform.machine() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip() or model
+            elif line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                break
+    except OSError:  # not Linux
+        pass
+    return model, flags
 
 
 def cpu_features(flags: set[str]) -> list[str]:

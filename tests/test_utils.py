@@ -182,15 +182,16 @@ def test_cpu_features_name_what_sets_training_and_int8_speed(flags, features):
 
 def test_the_machine_names_its_cpu_features_within_the_cpu_column():
     from captcha_lit.bench.tables import cpu_name
-    from captcha_lit.utils import cpu_features, machine_description
+    from captcha_lit.utils import cpu_features, cpu_model_and_flags, machine_description
 
     if not Path("/proc/cpuinfo").exists():
         pytest.skip("reads the CPU's flags from Linux's /proc/cpuinfo")
+    model, flags = cpu_model_and_flags()
+    assert model and all(" " not in flag for flag in flags)  # one flag per word of the flags line
+    features = cpu_features(flags)
     machine = machine_description()
     cpu, cores, memory = machine.split(", ")
     assert cores.endswith(" cores") and memory.endswith(" GiB")
-    flags = next((set(line.partition(":")[2].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), set())
-    features = cpu_features(flags)
+    assert cpu == (f"{model} ({' '.join(features)})" if features else model)
     if features:  # the results table's CPU column keeps them
-        assert cpu.endswith(f" ({' '.join(features)})") and cpu_name(machine).endswith(f"({' '.join(features)})")
+        assert cpu_name(machine).endswith(f"({' '.join(features)})")
