@@ -1,5 +1,6 @@
 import csv
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -187,7 +188,9 @@ def test_the_machine_names_its_cpu_features_within_the_cpu_column():
     if not Path("/proc/cpuinfo").exists():
         pytest.skip("reads the CPU's flags from Linux's /proc/cpuinfo")
     model, flags = cpu_model_and_flags()
-    assert model and all(" " not in flag for flag in flags)  # one flag per word of the flags line
+    assert model
+    if platform.machine() == "x86_64":  # every x86-64 CPU has SSE2: the flags line was found and split
+        assert "sse2" in flags
     features = cpu_features(flags)
     machine = machine_description()
     cpu, cores, memory = machine.split(", ")
